@@ -1,0 +1,175 @@
+"""Reliability calibration: matching features → P(pair is correct).
+
+Consumes `UnitMatches` features (and, to fit, correctness labels from ground truth); produces a
+reliability in [0, 1] per pair. The calibrator is a logistic regression on standardised features,
+fitted by Newton's method with a small L2 penalty (deterministic; a dozen features need nothing
+heavier). It is saved as versioned JSON beside the CLIP model it was fitted with
+(`<model_dir>/rsm-calibrator.json`) and refuses to load for a different model fingerprint.
+
+Without labels, `default_calibrator()` is a documented, *uncalibrated* prior (`calibrated: false`):
+sigmoid(-2.5 + 3·softmax_prob + 4·margin + 1·mutual_best + 3·agree − 3·contradict − 1.5·no_part_words
++ 0.5·region_quality). It ranks pairs sensibly but its numbers are not probabilities; QA says so.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from miners.matching import UnitMatches
+
+CALIBRATOR_VERSION = 1
+CALIBRATOR_FILENAME = "rsm-calibrator.json"
+
+FEATURES_BY_MODE = {
+    "clip": ("clip_cosine", "softmax_prob", "margin", "mutual_best"),
+    "lexical": ("agree", "contradict", "no_part_words", "region_quality"),
+    "combined": (
+        "clip_cosine",
+        "softmax_prob",
+        "margin",
+        "mutual_best",
+        "agree",
+        "contradict",
+        "no_part_words",
+        "region_quality",
+    ),
+}
+
+
+def feature_matrix(m: UnitMatches, names: tuple[str, ...]) -> np.ndarray:
+    cols = {
+        "clip_cosine": m.clip_cosine,
+        "softmax_prob": m.softmax_prob,
+        "margin": m.margin,
+        "mutual_best": m.mutual_best.astype(np.float32),
+        "agree": (m.part_agreement == 1.0).astype(np.float32),
+        "contradict": (m.part_agreement == 0.0).astype(np.float32),
+        "no_part_words": (~m.has_part_words).astype(np.float32),
+        "region_quality": m.region_quality,
+    }
+    return np.stack([np.asarray(cols[n], dtype=np.float64) for n in names], axis=1)
+
+
+@dataclass
+class Calibrator:
+    features: tuple[str, ...]
+    coef: np.ndarray
+    intercept: float
+    mean: np.ndarray
+    std: np.ndarray
+    calibrated: bool
+    model_fingerprint: str | None = None
+    fit_info: dict = field(default_factory=dict)
+
+    def predict(self, m: UnitMatches) -> np.ndarray:
+        x = (feature_matrix(m, self.features) - self.mean) / self.std
+        return (1.0 / (1.0 + np.exp(-(x @ self.coef + self.intercept)))).astype(np.float32)
+
+    def to_json(self) -> dict:
+        return {
+            "version": CALIBRATOR_VERSION,
+            "features": list(self.features),
+            "coef": self.coef.tolist(),
+            "intercept": float(self.intercept),
+            "mean": self.mean.tolist(),
+            "std": self.std.tolist(),
+            "calibrated": self.calibrated,
+            "model_fingerprint": self.model_fingerprint,
+            "fit_info": self.fit_info,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CALIBRATOR_FILENAME
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=2, sort_keys=True))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, expect_fingerprint: str | None = None) -> Calibrator:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CALIBRATOR_FILENAME
+        raw = json.loads(path.read_text())
+        if raw.get("version") != CALIBRATOR_VERSION:
+            raise ValueError(f"{path}: calibrator version {raw.get('version')} != {CALIBRATOR_VERSION}")
+        if expect_fingerprint and raw.get("model_fingerprint") not in (None, expect_fingerprint):
+            raise ValueError(
+                f"{path}: fitted for CLIP model {raw['model_fingerprint']}, not {expect_fingerprint}; "
+                "refit it with `python -m miners.calibrate`"
+            )
+        return cls(
+            features=tuple(raw["features"]),
+            coef=np.asarray(raw["coef"], dtype=np.float64),
+            intercept=float(raw["intercept"]),
+            mean=np.asarray(raw["mean"], dtype=np.float64),
+            std=np.asarray(raw["std"], dtype=np.float64),
+            calibrated=bool(raw["calibrated"]),
+            model_fingerprint=raw.get("model_fingerprint"),
+            fit_info=raw.get("fit_info", {}),
+        )
+
+
+def default_calibrator(mode: str = "combined") -> Calibrator:
+    """The documented label-free prior (see the module docstring); restricted to the mode's features."""
+    weights = {
+        "clip_cosine": 0.0,
+        "softmax_prob": 3.0,
+        "margin": 4.0,
+        "mutual_best": 1.0,
+        "agree": 3.0,
+        "contradict": -3.0,
+        "no_part_words": -1.5,
+        "region_quality": 0.5,
+    }
+    names = FEATURES_BY_MODE[mode]
+    return Calibrator(
+        features=names,
+        coef=np.array([weights[n] for n in names]),
+        intercept=-2.5,
+        mean=np.zeros(len(names)),
+        std=np.ones(len(names)),
+        calibrated=False,
+        fit_info={"kind": "default prior, not fitted on labels"},
+    )
+
+
+def fit_calibrator(
+    matches: UnitMatches, correct: np.ndarray, mode: str = "combined", l2: float = 1e-2, iters: int = 50
+) -> Calibrator:
+    """Logistic regression of `correct` on the mode's features (Newton's method, L2 on weights)."""
+    names = FEATURES_BY_MODE[mode]
+    x_raw = feature_matrix(matches, names)
+    y = np.asarray(correct, dtype=np.float64)
+    if y.size == 0 or y.min() == y.max():
+        raise ValueError("need both correct and incorrect labelled pairs to fit a calibrator")
+    mean = x_raw.mean(0)
+    std = x_raw.std(0)
+    std[std < 1e-8] = 1.0
+    x = np.hstack([(x_raw - mean) / std, np.ones((len(y), 1))])
+    w = np.zeros(x.shape[1])
+    penalty = np.full(x.shape[1], l2)
+    penalty[-1] = 0.0  # the intercept is not shrunk
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (p - y) / len(y) + penalty * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x / len(y) + np.diag(penalty + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return Calibrator(
+        features=names,
+        coef=w[:-1],
+        intercept=float(w[-1]),
+        mean=mean,
+        std=std,
+        calibrated=True,
+        fit_info={"n_pairs": int(len(y)), "positive_rate": float(y.mean()), "mode": mode, "l2": l2},
+    )

@@ -1,0 +1,147 @@
+"""CLIP scoring of regions against text units.
+
+Consumes a `from_pretrained` CLIP directory (the tiny bootstrapped model, or a real one such as a saved
+openai/clip-vit-base-patch16), images (H x W x 3 uint8) with their `Regions`, and text units; produces
+per-sample cosine matrices (units x regions). Region crops are made in one of three modes — `box`
+(the box's pixels), `mask` (background blanked to the processor's mean colour) and `blur` (background
+Gaussian-blurred) — and ALL crops of a batch of images go through ONE batched vision forward per
+`batch_size` crops. Identical texts are embedded once. Inference only; bf16 autocast on CUDA.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageFilter
+
+from miners.encoders import encode_texts, image_embeddings, input_size_hw, normalisation, to_pixel_values
+from miners.trainer import pick_device
+
+CROP_MODES = ("box", "mask", "blur")
+
+
+@dataclass(frozen=True)
+class ScorerConfig:
+    crop_mode: str = "box"
+    crop_padding_frac: float = 0.05  # context around each box, as a fraction of its size
+    batch_size: int = 256
+    blur_radius_px: float = 6.0
+    device: str = "auto"
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """Short content hash of a from_pretrained folder's config and weights."""
+    h = hashlib.sha256()
+    for name in sorted(p.name for p in Path(model_dir).iterdir()):
+        if name.endswith((".json", ".safetensors", ".bin")) and name != "bootstrap.json":
+            h.update(name.encode())
+            h.update((Path(model_dir) / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def load_clip(model_dir: str | Path, device: str = "auto"):
+    """(model, processor) from a local folder; nothing is fetched from a hub."""
+    from transformers import AutoProcessor, CLIPModel
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise FileNotFoundError(
+            f"{model_dir}: not a CLIP model folder (no config.json); build one with "
+            "`python -m miners.bootstrap_clip` or save a real CLIP there with save_pretrained"
+        )
+    model = CLIPModel.from_pretrained(model_dir, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
+    return model.to(pick_device(device)).eval(), processor
+
+
+class ClipScorer:
+    def __init__(self, model_dir: str | Path, cfg: ScorerConfig | None = None):
+        self.cfg = cfg or ScorerConfig()
+        if self.cfg.crop_mode not in CROP_MODES:
+            raise ValueError(f"crop_mode {self.cfg.crop_mode!r}: use one of {CROP_MODES}")
+        self.model, self.processor = load_clip(model_dir, self.cfg.device)
+        self.device = next(self.model.parameters()).device
+        self.fingerprint = model_fingerprint(model_dir)
+        self.size_hw = input_size_hw(self.processor)
+        self.mean, self.std = normalisation(self.processor)
+        self._fill_rgb = tuple(int(round(255 * m)) for m in self.processor.image_processor.image_mean)
+
+    # --- crops ---------------------------------------------------------------------------------------
+    def crop(self, image_rgb: np.ndarray, box_xyxy: np.ndarray, mask_hw: np.ndarray | None) -> np.ndarray:
+        """One region as a 3 x H x W uint8 array at the model's input size."""
+        h, w = image_rgb.shape[:2]
+        x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+        pad_x, pad_y = (x1 - x0) * self.cfg.crop_padding_frac, (y1 - y0) * self.cfg.crop_padding_frac
+        x0, y0 = int(max(0, np.floor(x0 - pad_x))), int(max(0, np.floor(y0 - pad_y)))
+        x1, y1 = int(min(w, np.ceil(x1 + pad_x))), int(min(h, np.ceil(y1 + pad_y)))
+        x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
+        patch = Image.fromarray(image_rgb[y0:y1, x0:x1])
+        if self.cfg.crop_mode != "box":
+            if mask_hw is None:  # a box-only region: its box is its mask
+                keep = np.zeros((h, w), dtype=bool)
+                keep[
+                    int(box_xyxy[1]) : int(np.ceil(box_xyxy[3])), int(box_xyxy[0]) : int(np.ceil(box_xyxy[2]))
+                ] = True
+            else:
+                keep = mask_hw
+            keep_img = Image.fromarray((keep[y0:y1, x0:x1] * 255).astype(np.uint8))
+            if self.cfg.crop_mode == "mask":
+                background = Image.new("RGB", patch.size, self._fill_rgb)
+            else:
+                background = patch.filter(ImageFilter.GaussianBlur(self.cfg.blur_radius_px))
+            patch = Image.composite(patch, background, keep_img)
+        patch = patch.resize((self.size_hw[1], self.size_hw[0]), Image.Resampling.BICUBIC)
+        return np.asarray(patch).transpose(2, 0, 1)
+
+    # --- embeddings ----------------------------------------------------------------------------------
+    def embed_crops(self, crops_chw: list[np.ndarray]) -> torch.Tensor:
+        out = []
+        with (
+            torch.inference_mode(),
+            torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"),
+        ):
+            for i in range(0, len(crops_chw), self.cfg.batch_size):
+                batch = torch.from_numpy(np.stack(crops_chw[i : i + self.cfg.batch_size])).to(self.device)
+                out.append(image_embeddings(self.model, to_pixel_values(batch, self.mean, self.std)).float())
+        return torch.cat(out) if out else torch.zeros((0, self.model.config.projection_dim))
+
+    def embed_texts(self, texts: list[str]) -> torch.Tensor:
+        """Embeddings for `texts`, computing each distinct string once."""
+        unique = list(dict.fromkeys(texts))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            emb = encode_texts(self.model, self.processor, unique, self.cfg.batch_size, self.device)
+        where = {t: i for i, t in enumerate(unique)}
+        return emb[[where[t] for t in texts]] if texts else emb
+
+    def score(
+        self,
+        images: list[np.ndarray],
+        regions: list,
+        texts_per_sample: list[list[str]],
+        image_of_sample: list[int],
+    ) -> list[np.ndarray]:
+        """Cosine matrices, one per sample: len(texts) x len(regions of its image).
+
+        images[i] has regions[i] (a `miners.regions.Regions`); sample j's texts are scored against the
+        regions of image `image_of_sample[j]` — several captions share one image's crops.
+        """
+        crops, owner = [], []
+        for i, (image, regs) in enumerate(zip(images, regions, strict=True)):
+            for r in range(len(regs)):
+                crops.append(self.crop(image, regs.boxes_xyxy[r], regs.masks[r]))
+                owner.append(i)
+        region_emb = self.embed_crops(crops)
+        owner_arr = np.asarray(owner, dtype=np.int64)
+        per_image = [region_emb[torch.from_numpy(np.flatnonzero(owner_arr == i))] for i in range(len(images))]
+        flat_texts = [t for ts in texts_per_sample for t in ts]
+        text_emb = self.embed_texts(flat_texts)
+        out, pos = [], 0
+        for j, texts in enumerate(texts_per_sample):
+            t = text_emb[pos : pos + len(texts)]
+            pos += len(texts)
+            out.append((t @ per_image[image_of_sample[j]].T).cpu().numpy().astype(np.float32))
+        return out

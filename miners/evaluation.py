@@ -1,0 +1,124 @@
+"""TBPS evaluation protocols on `ClipData`.
+
+Consumes a CLIP model and evaluation `ClipData` (test split); produces metric dicts:
+- global: text→image retrieval (R1/R5/R10/mAP/mINP via qa.metrics), all queries and the long-query
+  subset (captions with ≥ LONG_QUERY_MIN_SENTENCES sentences);
+- local: sentence→region grounding accuracy against ground-truth links (pvlg / synthetic): each
+  groundable ground-truth sentence picks one of its image's ground-truth regions; correct when the pick
+  is one of the sentence's linked regions.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from miners.encoders import (
+    box_patch_weights,
+    image_and_region_embeddings,
+    image_embeddings,
+    normalisation,
+    pad_token_ids,
+    patch_grid_hw,
+    text_embeddings,
+    to_pixel_values,
+    tokenize,
+)
+from miners.train_data import ClipData
+from qa.metrics import retrieval_metrics
+
+LONG_QUERY_MIN_SENTENCES = 5
+
+
+def caption_embeddings(
+    model, data: ClipData, indices: np.ndarray, text_mode: str, pad_id: int, device
+) -> torch.Tensor:
+    """Global text embeddings for captions `indices`: whole caption ("truncate") or the normalised
+    mean of its sentence embeddings ("sentence-pool")."""
+    if text_mode == "truncate":
+        ids, mask = pad_token_ids([data.cap_tokens[i] for i in indices], pad_id, device)
+        return text_embeddings(model, ids, mask)
+    if text_mode != "sentence-pool":
+        raise ValueError(f"unknown text_mode {text_mode!r}: use 'truncate' or 'sentence-pool'")
+    flat, owner = [], []
+    for k, i in enumerate(indices):
+        flat.extend(data.cap_sentence_tokens[i])
+        owner.extend([k] * len(data.cap_sentence_tokens[i]))
+    ids, mask = pad_token_ids(flat, pad_id, device)
+    sent = text_embeddings(model, ids, mask)
+    owner_t = torch.tensor(owner, device=sent.device)
+    pooled = torch.zeros((len(indices), sent.shape[1]), device=sent.device, dtype=sent.dtype)
+    pooled.index_add_(0, owner_t, sent)
+    return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+@torch.inference_mode()
+def evaluate_global(model, data: ClipData, processor, text_mode: str, batch_size: int = 256) -> dict:
+    device = next(model.parameters()).device
+    model.eval()
+    mean, std = normalisation(processor)
+    pad_id = processor.tokenizer.pad_token_id or 0
+    gallery = torch.cat(
+        [
+            image_embeddings(model, to_pixel_values(data.images_u8[i : i + batch_size].to(device), mean, std))
+            for i in range(0, data.images_u8.shape[0], batch_size)
+        ]
+    ).float()
+    all_idx = np.arange(len(data))
+    queries = torch.cat(
+        [
+            caption_embeddings(model, data, all_idx[i : i + batch_size], text_mode, pad_id, device).float()
+            for i in range(0, len(data), batch_size)
+        ]
+    )
+    sim = (queries @ gallery.T).cpu().numpy()
+    out = retrieval_metrics(sim, data.cap_pids, data.image_pids)
+    out["num_queries"] = len(data)
+    out["num_gallery"] = int(gallery.shape[0])
+    long_mask = data.cap_n_sentences >= LONG_QUERY_MIN_SENTENCES
+    if long_mask.any():
+        long = retrieval_metrics(sim[long_mask], data.cap_pids[long_mask], data.image_pids)
+        long["num_queries"] = int(long_mask.sum())
+    else:
+        long = {"num_queries": 0}
+    long["min_sentences"] = LONG_QUERY_MIN_SENTENCES
+    out["long_query"] = long
+    return out
+
+
+@torch.inference_mode()
+def evaluate_local(model, data: ClipData, processor, max_images: int = 2000) -> dict:
+    """Sentence→region grounding accuracy; {"local_grounding_acc": None} without ground truth."""
+    device = next(model.parameters()).device
+    model.eval()
+    mean, std = normalisation(processor)
+    pad_id = processor.tokenizer.pad_token_id or 0
+    size_hw = tuple(data.images_u8.shape[2:])
+    grid = patch_grid_hw(model, size_hw)
+    correct = total = 0
+    seen_images: set[int] = set()
+    for cap_i, links in enumerate(data.cap_gt_links):
+        img_i = int(data.cap_image_index[cap_i])
+        regions = data.image_gt_regions[img_i]
+        if not links or not regions or (img_i not in seen_images and len(seen_images) >= max_images):
+            continue
+        seen_images.add(img_i)
+        texts, targets = [], []
+        for link in links:
+            if link.get("region_ids"):
+                s, e = link["span"]
+                texts.append(data.captions[cap_i][s:e])
+                targets.append({k for k, r in enumerate(regions) if r["id"] in link["region_ids"]})
+        if not texts:
+            continue
+        sx, sy = data.image_scale_xy[img_i]
+        boxes = np.asarray([r["bbox"] for r in regions], dtype=np.float32) * np.array([sx, sy, sx, sy])
+        weights = torch.from_numpy(box_patch_weights(boxes, grid, size_hw)).to(device)
+        pix = to_pixel_values(data.images_u8[img_i : img_i + 1].to(device), mean, std)
+        index = torch.zeros(len(regions), dtype=torch.long, device=device)
+        _, region_emb = image_and_region_embeddings(model, pix, index, weights)
+        ids, mask = pad_token_ids(tokenize(processor, texts), pad_id, device)
+        picks = (text_embeddings(model, ids, mask) @ region_emb.T).argmax(1).tolist()
+        correct += sum(int(p in t) for p, t in zip(picks, targets, strict=True))
+        total += len(texts)
+    return {"local_grounding_acc": (100.0 * correct / total) if total else None, "local_sentences": total}

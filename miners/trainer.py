@@ -1,0 +1,288 @@
+"""The one CLIP trainer: global identity-aware contrastive learning, plus (optionally) the ROGLE local
+branch — reliability-weighted region–sentence alignment on mined pairs.
+
+Consumes a CLIPModel + processor and `ClipData` (train, and optionally test for evaluation); produces a
+run folder: `config.json` (resolved), `checkpoint/` (model in from_pretrained layout + `trainer_state.pt`
+with optimizer, scheduler, step, epoch and RNG states: resuming continues exactly), `history.jsonl`,
+`metrics.json`, `curves.png`. The tiny-CLIP bootstrap (global only) and `train_rogle` both call `fit`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from miners.encoders import (
+    box_patch_weights,
+    image_and_region_embeddings,
+    normalisation,
+    pad_token_ids,
+    patch_grid_hw,
+    text_embeddings,
+    to_pixel_values,
+)
+from miners.evaluation import caption_embeddings, evaluate_global, evaluate_local
+from miners.train_data import ClipData
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 1e-3  # from scratch; use ~1e-5 when fine-tuning a real CLIP
+    weight_decay: float = 0.05
+    warmup_fraction: float = 0.05
+    text_mode: str = "sentence-pool"  # or "truncate": how long captions become one global embedding
+    local_weight: float = 0.0  # 0 = global only (the bootstrap); ROGLE uses > 0
+    local_temperature: float = 0.05
+    use_reliability: bool = True
+    reliability_threshold: float = 0.5
+    seed: int = 0
+    eval_every_epochs: int = 1
+    device: str = "auto"
+    amp: bool = True  # bf16 autocast on CUDA only
+    max_grad_norm: float = 5.0
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def identity_aware_loss(text_emb, image_emb, pids, logit_scale) -> torch.Tensor:
+    """Similarity-distribution matching (as IRRA's SDM): KL between the softmax over the batch and the
+    normalised same-person label distribution, both directions. Several images of one person are
+    positives, unlike plain InfoNCE which treats them as negatives."""
+    sim = logit_scale * text_emb @ image_emb.T
+    labels = (pids[:, None] == pids[None, :]).float()
+    target = labels / labels.sum(1, keepdim=True)
+    eps = 1e-8
+    t2i = F.softmax(sim, 1) * (F.log_softmax(sim, 1) - torch.log(target + eps))
+    i2t = F.softmax(sim.T, 1) * (F.log_softmax(sim.T, 1) - torch.log(target.T + eps))
+    return t2i.sum(1).mean() + i2t.sum(1).mean()
+
+
+def local_alignment_loss(sent_emb, region_emb, region_keys, weights, temperature) -> torch.Tensor:
+    """Sentence→region contrastive over all regions in the batch; pairs pointing at the same region
+    (same image and region id) are all positives. Each pair's loss is weighted (reliability)."""
+    logits = sent_emb @ region_emb.T / temperature
+    positive = region_keys[:, None] == region_keys[None, :]
+    log_prob = F.log_softmax(logits, 1)
+    pos_log_prob = torch.logsumexp(log_prob.masked_fill(~positive, -1e4), 1)
+    return -(weights * pos_log_prob).sum() / weights.sum().clamp_min(1e-6)
+
+
+class Trainer:
+    def __init__(self, model, processor, cfg: TrainConfig, run_dir: str | Path):
+        self.model, self.processor, self.cfg = model, processor, cfg
+        self.run_dir = Path(run_dir)
+        self.device = pick_device(cfg.device)
+        self.model.to(self.device)
+        self.mean, self.std = normalisation(processor)
+        self.pad_id = processor.tokenizer.pad_token_id or 0
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.scheduler = None
+        self.step = 0
+        self.epoch = 0
+
+    # --- checkpointing -------------------------------------------------------------------------
+    def _make_scheduler(self, total_steps: int):
+        warmup = max(1, int(total_steps * self.cfg.warmup_fraction))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
+
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+
+    def save_checkpoint(self) -> Path:
+        ckpt = self.run_dir / "checkpoint"
+        tmp = self.run_dir / ".checkpoint.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(tmp)
+        self.processor.save_pretrained(tmp)
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "step": self.step,
+            "epoch": self.epoch,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            },
+            "config": asdict(self.cfg),
+        }
+        torch.save(state, tmp / "trainer_state.pt")
+        # Swap in the new checkpoint whole, so a crash mid-save leaves the previous one intact.
+        old = self.run_dir / ".checkpoint.old"
+        if ckpt.exists():
+            ckpt.rename(old)
+        tmp.rename(ckpt)
+        if old.exists():
+            import shutil
+
+            shutil.rmtree(old)
+        return ckpt
+
+    def load_state(self, ckpt: Path, total_steps: int) -> None:
+        state = torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler = self._make_scheduler(total_steps)
+        if state["scheduler"]:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.step, self.epoch = state["step"], state["epoch"]
+        torch.set_rng_state(state["rng"]["torch"])
+        np.random.set_state(state["rng"]["numpy"])
+        random.setstate(state["rng"]["python"])
+
+    # --- one step --------------------------------------------------------------------------------
+    def _batch_loss(self, data: ClipData, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
+        cfg, dev = self.cfg, self.device
+        img_rows = data.cap_image_index[idx]
+        pix = to_pixel_values(data.images_u8[img_rows].to(dev), self.mean, self.std)
+        pairs = (
+            [(k, p) for k, i in enumerate(idx) for p in data.local_pairs[i]] if cfg.local_weight > 0 else []
+        )
+        size_hw = tuple(data.images_u8.shape[2:])
+        if pairs:
+            boxes = np.stack([p.box_xyxy for _, p in pairs])
+            weights = box_patch_weights(boxes, patch_grid_hw(self.model, size_hw), size_hw)
+            region_index = torch.tensor([k for k, _ in pairs], device=dev)
+            image_emb, region_emb = image_and_region_embeddings(
+                self.model, pix, region_index, torch.from_numpy(weights).to(dev)
+            )
+        else:
+            image_emb, _ = image_and_region_embeddings(
+                self.model, pix, torch.zeros(0, dtype=torch.long, device=dev), torch.zeros((0, 1), device=dev)
+            )
+        text_emb = caption_embeddings(self.model, data, idx, cfg.text_mode, self.pad_id, dev)
+        scale = self.model.logit_scale.exp().clamp(max=100.0)
+        pids = torch.from_numpy(data.cap_pids[idx]).to(dev)
+        loss_global = identity_aware_loss(text_emb, image_emb, pids, scale)
+        logs = {"loss_global": float(loss_global)}
+        loss = loss_global
+        if pairs:
+            ids, mask = pad_token_ids([p.token_ids for _, p in pairs], self.pad_id, dev)
+            sent_emb = text_embeddings(self.model, ids, mask)
+            # Region identity = (image row, region id): two captions of one image share its regions.
+            key_ids: dict[tuple[int, int], int] = {}
+            keys = torch.tensor(
+                [key_ids.setdefault((int(img_rows[k]), p.region_id), len(key_ids)) for k, p in pairs],
+                device=dev,
+            )
+            w = torch.tensor([p.weight for _, p in pairs], device=dev, dtype=sent_emb.dtype)
+            loss_local = local_alignment_loss(sent_emb, region_emb, keys, w, cfg.local_temperature)
+            loss = loss + cfg.local_weight * loss_local
+            logs["loss_local"] = float(loss_local)
+            logs["local_pairs"] = len(pairs)
+        logs["loss"] = float(loss)
+        return loss, logs
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def fit(self, train: ClipData, test: ClipData | None = None, resume: bool = False) -> dict:
+        cfg = self.cfg
+        if len(train) == 0:
+            raise ValueError("no training captions (check the manifest's train split and image errors)")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
+        steps_per_epoch = max(1, len(train) // cfg.batch_size)
+        total_steps = steps_per_epoch * cfg.epochs
+        ckpt = self.run_dir / "checkpoint"
+        history_path = self.run_dir / "history.jsonl"
+        if resume and (ckpt / "trainer_state.pt").exists():
+            self.load_state(ckpt, total_steps)
+        else:
+            torch.manual_seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            random.seed(cfg.seed)
+            self.scheduler = self._make_scheduler(total_steps)
+            history_path.write_text("")
+        use_amp = cfg.amp and self.device.type == "cuda"
+        metrics: dict = {}
+        while self.epoch < cfg.epochs:
+            self.model.train()
+            # The epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
+            order = np.random.default_rng([cfg.seed, self.epoch]).permutation(len(train))
+            t0 = time.perf_counter()
+            bar = tqdm(range(steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False)
+            sums: dict[str, float] = {}
+            for b in bar:
+                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+                    loss, logs = self._batch_loss(train, idx)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                self.optimizer.step()
+                self.scheduler.step()
+                self.step += 1
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                bar.set_postfix(loss=f"{logs['loss']:.3f}")
+            self.epoch += 1
+            record = {k: v / steps_per_epoch for k, v in sums.items()}
+            record.update(epoch=self.epoch, step=self.step, epoch_seconds=time.perf_counter() - t0)
+            if test is not None and (self.epoch % cfg.eval_every_epochs == 0 or self.epoch == cfg.epochs):
+                metrics = self.evaluate(test)
+                record["eval"] = metrics
+            with history_path.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            self.save_checkpoint()
+        if test is not None and not metrics:
+            metrics = self.evaluate(test)
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        plot_curves(history_path, self.run_dir / "curves.png")
+        return metrics
+
+    def evaluate(self, test: ClipData) -> dict:
+        out = evaluate_global(self.model, test, self.processor, self.cfg.text_mode)
+        out.update(evaluate_local(self.model, test, self.processor))
+        return out
+
+
+def plot_curves(history_path: Path, out_png: Path) -> None:
+    """Loss and retrieval curves per epoch, as a PNG people can glance at."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in history_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for key in ("loss", "loss_global", "loss_local"):
+        if key in rows[0]:
+            axes[0].plot(epochs, [r.get(key) for r in rows], marker="o", label=key)
+    axes[0].set_xlabel("epoch")
+    axes[0].set_title("training loss")
+    axes[0].legend()
+    evals = [(r["epoch"], r["eval"]) for r in rows if "eval" in r]
+    for key in ("R1", "mAP"):
+        axes[1].plot([e for e, _ in evals], [m[key] for _, m in evals], marker="o", label=f"{key} (all)")
+    long_r1 = [(e, m["long_query"].get("R1")) for e, m in evals if m["long_query"].get("R1") is not None]
+    if long_r1:
+        axes[1].plot([e for e, _ in long_r1], [v for _, v in long_r1], marker="s", label="R1 (long queries)")
+    local = [(e, m.get("local_grounding_acc")) for e, m in evals if m.get("local_grounding_acc") is not None]
+    if local:
+        axes[1].plot([e for e, _ in local], [v for _, v in local], marker="^", label="local grounding acc")
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("%")
+    axes[1].set_title("test split")
+    axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,390 @@
+"""Tests for storage.manifest / storage.importers: all four formats, every reject kind, structural failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from storage.importers import FORMATS
+from storage.manifest import import_dataset, main, read_manifest
+from storage.schemas import MANIFEST_SCHEMA
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def write_png(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 16), (200, 30, 30)).save(path)
+
+
+def make_dataset(root: Path, fmt: str, records: list, images: list[str] | None = None) -> Path:
+    """Write `records` as fmt's annotation file under root and a tiny PNG for every image path given
+    (default: every string path in the records)."""
+    field = FORMATS[fmt].path_field
+    if images is None:
+        images = [r[field] for r in records if isinstance(r, dict) and isinstance(r.get(field), str)]
+    for rel in images:
+        write_png(root / "imgs" / rel)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / FORMATS[fmt].annotation_file).write_text(json.dumps(records), encoding="utf-8")
+    return root
+
+
+def run_main(root: Path, fmt: str, out: Path, *extra: str) -> int:
+    return main(["--format", fmt, "--root", str(root), "--out", str(out), *extra])
+
+
+def rejects_of(out: Path) -> list[dict]:
+    return pq.read_table(out.with_name(f"{out.stem}.rejects.parquet")).to_pylist()
+
+
+def rec(pid: int, path: str, captions: list, split: str = "train", field: str = "file_path") -> dict:
+    return {"id": pid, field: path, "captions": captions, "split": split, "processed_tokens": [["x"]]}
+
+
+CUHK_RECORDS = [
+    rec(1, "CUHK01/0001_a.png", ["A man in a red coat.", "  He carries a black bag.  "]),
+    rec(1, "CUHK01/0001_b.png", ["The man wears a red coat.", "He has a black bag."]),
+    rec(2, "cam_a/0002.png", ["A woman in a blue dress.", "She wears white shoes."], "val"),
+    rec(3, "test_query/p3.png", ["A child with a yellow hat.", "The child wears shorts."], "test"),
+]
+
+
+# Formats
+def test_cuhk_rows_columns_and_split_counts(tmp_path: Path, capsys) -> None:
+    root = make_dataset(tmp_path / "cuhk", "cuhk-pedes", CUHK_RECORDS)
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "cuhk-pedes", out, "--summary-json", str(tmp_path / "s.json")) == 0
+    table, meta = read_manifest(out)
+    assert table.schema.names == MANIFEST_SCHEMA.names
+    assert table.num_rows == 8
+    rows = table.to_pylist()
+    assert rows[0]["sample_id"] == "imgs/CUHK01/0001_a.png#0"
+    assert rows[1]["caption"] == "He carries a black bag."  # stripped, otherwise unchanged
+    assert rows[1]["caption_index"] == 1 and rows[1]["image_id"] == rows[1]["image_path"]
+    assert [r["person_id"] for r in rows] == [1, 1, 1, 1, 2, 2, 3, 3]  # 1-based ids kept as given
+    assert {r["split"] for r in rows} == {"train", "val", "test"}
+    assert all(r["gt_regions"] is None and r["gt_links"] is None for r in rows)
+    assert (Path(meta["root"]) / rows[0]["image_path"]).is_file()
+
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["format"] == "cuhk-pedes" and summary["rows"] == 8 and summary["rejected"] == {}
+    assert summary["per_split"] == {
+        "train": {"ids": 1, "images": 2, "captions": 4},
+        "val": {"ids": 1, "images": 1, "captions": 2},
+        "test": {"ids": 1, "images": 1, "captions": 2},
+    }
+    table_text = capsys.readouterr().out
+    assert "train" in table_text and "rejected rows: 0" in table_text
+
+
+def test_cuhk_rejects_id_zero(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "cuhk", "cuhk-pedes", [*CUHK_RECORDS, rec(0, "zero/0.png", ["A man."])])
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "cuhk-pedes", out) == 0
+    (bad,) = rejects_of(out)
+    assert bad["reason"] == "bad_record" and bad["record_index"] == 4 and "zero/0.png" in bad["message"]
+
+
+def test_icfg_train_test_only_and_val_rejected_by_name(tmp_path: Path) -> None:
+    records = [
+        rec(0, "train/0000/0000_01.png", ["A man in a grey jacket."]),
+        rec(5, "test/0005/0005_01.png", ["A woman in a green skirt."], "test"),
+        rec(6, "test/0006/0006_01.png", ["A man in brown shoes."], "val"),
+    ]
+    root = make_dataset(tmp_path / "icfg", "icfg-pedes", records)
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "icfg-pedes", out) == 0
+    table, meta = read_manifest(out)
+    assert meta["format"] == "icfg-pedes"
+    assert table.column("split").to_pylist() == ["train", "test"]
+    assert table.column("person_id").to_pylist() == [0, 5]
+    (bad,) = rejects_of(out)
+    assert bad["reason"] == "bad_record" and "'val'" in bad["message"] and "0006_01.png" in bad["message"]
+
+
+def test_rstpreid_uses_img_path(tmp_path: Path) -> None:
+    records = [
+        rec(0, "0000_c14_0031.png", ["A man in a suit.", "He holds a phone."], field="img_path"),
+        rec(1, "0001_c3_0007.png", ["A girl in pink.", "She has long hair."], "test", field="img_path"),
+        rec(2, "0002_c1_0001.png", ["A man in a cap.", "He wears jeans."]),  # file_path: wrong field
+    ]
+    root = make_dataset(
+        tmp_path / "rstp", "rstpreid", records, images=["0000_c14_0031.png", "0001_c3_0007.png"]
+    )
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "rstpreid", out) == 0
+    table, _ = read_manifest(out)
+    assert (
+        table.column("image_path").to_pylist()
+        == ["imgs/0000_c14_0031.png"] * 2 + ["imgs/0001_c3_0007.png"] * 2
+    )
+    bad = rejects_of(out)
+    assert [(r["reason"], r["caption_index"]) for r in bad] == [("bad_record", 0), ("bad_record", 1)]
+    assert "img_path" in bad[0]["message"] and "0002_c1_0001.png" in bad[0]["message"]
+
+
+def pvlg_record(pid: int, path: str, captions: list[str], links: list | None = None, **overrides) -> dict:
+    record = rec(pid, path, captions)
+    record["regions"] = [
+        {"id": 0, "label": "head", "bbox": [2.0, 0.0, 6.0, 4.0]},
+        {"id": 1, "label": "upper", "bbox": [1, 4, 7, 9], "mask": {"size": [16, 8], "counts": "abc"}},
+    ]
+    record["links"] = (
+        links
+        if links is not None
+        else [
+            [
+                {"span": [0, 10], "region_ids": [0], "phrases": [{"span": [2, 8], "region_id": 0}]},
+                {"span": [11, len(c)], "region_ids": [], "phrases": []},
+            ]
+            for c in captions
+        ]
+    )
+    record.update(overrides)
+    return record
+
+
+def test_pvlg_ground_truth_round_trips(tmp_path: Path) -> None:
+    good = pvlg_record(1, "train/0001/a.png", ["Short hair. He walks fast.", "Dark hair. He is calm."])
+    shifted = pvlg_record(2, "train/0002/a.png", ["  Short hair. He walks fast."])
+    shifted["links"] = [
+        [{"span": [2, 12], "region_ids": [0], "phrases": [{"span": [4, 10], "region_id": 0}]}]
+    ]
+    root = make_dataset(tmp_path / "pvlg", "pvlg", [good, shifted])
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "pvlg", out) == 0
+    rows = read_manifest(out)[0].to_pylist()
+    assert len(rows) == 3
+    assert json.loads(rows[0]["gt_regions"]) == good["regions"]
+    assert rows[0]["gt_links"] == json.dumps(good["links"][0])
+    assert json.loads(rows[1]["gt_links"]) == good["links"][1]
+    # Stripping leading whitespace moves the spans with the text they point at.
+    (link,) = json.loads(rows[2]["gt_links"])
+    assert rows[2]["caption"][link["span"][0] : link["span"][1]] == "Short hair"
+    assert rows[2]["caption"][slice(*link["phrases"][0]["span"])] == "ort ha"
+
+
+def test_pvlg_bad_ground_truth_rejected(tmp_path: Path) -> None:
+    caps = ["Short hair. He walks fast.", "Dark hair. He is calm."]
+    records = [
+        pvlg_record(1, "ok.png", caps),
+        pvlg_record(2, "too_few_links.png", caps, links=[[]]),
+        pvlg_record(3, "unknown_region.png", caps),
+        pvlg_record(4, "bad_bbox.png", caps),
+        pvlg_record(5, "no_regions.png", caps, regions=None),
+    ]
+    records[2]["links"][1][0]["region_ids"] = [9]
+    records[3]["regions"][1]["bbox"] = [10, 5, 2, 20]
+    root = make_dataset(tmp_path / "pvlg", "pvlg", records)
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "pvlg", out) == 0
+    assert read_manifest(out)[0].column("sample_id").to_pylist() == [
+        "imgs/ok.png#0",
+        "imgs/ok.png#1",
+        "imgs/unknown_region.png#0",
+    ]
+    bad = rejects_of(out)
+    assert {r["reason"] for r in bad} == {"bad_ground_truth"}
+    got = [(r["record_index"], r["caption_index"]) for r in bad]
+    assert got == [(1, 0), (1, 1), (2, 1), (3, 0), (3, 1), (4, 0), (4, 1)]
+    assert (
+        bad[0]["image_path"] == "imgs/too_few_links.png" and bad[2]["image_path"] == "imgs/unknown_region.png"
+    )
+    messages = {r["record_index"]: r["message"] for r in bad}
+    assert "imgs/too_few_links.png" in messages[1] and "1 link lists for 2 captions" in messages[1]
+    assert "imgs/unknown_region.png" in messages[2] and "[9]" in messages[2]
+    assert "imgs/bad_bbox.png" in messages[3] and "bbox" in messages[3]
+    assert "imgs/no_regions.png" in messages[4]
+
+
+# Bad input: every per-row kind is rejected with its path; the good rows still import
+def test_every_reject_kind_reported_and_good_rows_kept(tmp_path: Path, capsys) -> None:
+    root = tmp_path / "cuhk"
+    records = [
+        rec(1, "good/a.png", ["A man in a red coat.", "A man in a red coat.", "  "]),  # 0: dup + empty
+        rec(2, "missing/none.png", ["A woman."]),  # 1
+        rec(3, "../outside.png", ["A man."]),  # 2: escapes imgs/
+        rec(4, "/etc/hostname", ["A man."]),  # 3: absolute
+        rec(5, "nul\x00byte.png", ["A man."]),  # 4
+        rec(6, 42, ["A man."]),  # 5: non-string path
+        rec(7, "text/b.png", ["bad \ud800 surrogate", "bell\x07ringing", 7, "x" * 61]),  # 6
+        rec(1, "good/a.png", ["Another caption."]),  # 7: same image as record 0
+        "not a record",  # 8
+        {"id": 8, "file_path": "f/c.png", "split": "train"},  # 9: no captions
+        rec(9, "f/d.png", ["A man."], split="dev"),  # 10
+        rec("10", "f/e.png", ["A man."]),  # 11: id is a string
+        rec(11, "f/g.png", "A man as a string."),  # 12: captions not a list
+    ]
+    make_dataset(
+        root, "cuhk-pedes", records, images=["good/a.png", "text/b.png", "f/c.png", "f/d.png", "f/e.png"]
+    )
+    write_png(root / "outside.png")
+    out = tmp_path / "m.parquet"
+    assert (
+        run_main(
+            root, "cuhk-pedes", out, "--max-caption-chars", "60", "--summary-json", str(tmp_path / "s.json")
+        )
+        == 0
+    )
+
+    table, _ = read_manifest(out)
+    assert table.column("sample_id").to_pylist() == ["imgs/good/a.png#0"]
+    bad = rejects_of(out)
+    by_key = {(r["record_index"], r["caption_index"]): r for r in bad}
+    expected = {
+        (0, 1): ("duplicate", "imgs/good/a.png"),
+        (0, 2): ("empty_caption", "imgs/good/a.png"),
+        (1, 0): ("missing_image", "imgs/missing/none.png"),
+        (2, 0): ("unsafe_path", "../outside.png"),
+        (3, 0): ("unsafe_path", "/etc/hostname"),
+        (4, 0): ("unsafe_path", "nul\\x00byte.png"),
+        (5, 0): ("unsafe_path", "42"),
+        (6, 0): ("bad_text", "imgs/text/b.png"),
+        (6, 1): ("bad_text", "imgs/text/b.png"),
+        (6, 2): ("empty_caption", "imgs/text/b.png"),
+        (6, 3): ("caption_too_long", "imgs/text/b.png"),
+        (7, 0): ("duplicate", "imgs/good/a.png"),
+        (8, None): ("bad_record", "record 8"),
+        (9, None): ("bad_record", "f/c.png"),
+        (10, 0): ("bad_record", "f/d.png"),
+        (11, 0): ("bad_record", "f/e.png"),
+        (12, None): ("bad_record", "f/g.png"),
+    }
+    assert set(by_key) == set(expected)
+    for key, (reason, path) in expected.items():
+        assert by_key[key]["reason"] == reason, key
+        assert path in by_key[key]["message"], (key, by_key[key]["message"])
+    # The image_path column is filled once the path is known to be safe, and only then.
+    for key in expected:
+        safe = by_key[key]["reason"] not in ("unsafe_path", "bad_record")
+        assert by_key[key]["image_path"] == (expected[key][1] if safe else None), key
+    assert "U+D800" in by_key[(6, 0)]["message"] and "U+0007" in by_key[(6, 1)]["message"]
+    assert "'dev'" in by_key[(10, 0)]["message"]
+    # No row vanishes: every caption of every record is either imported or rejected.
+    assert table.num_rows + len(bad) == 18
+
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["rejected"] == {
+        "bad_record": 5,
+        "bad_text": 2,
+        "caption_too_long": 1,
+        "duplicate": 2,
+        "empty_caption": 2,
+        "missing_image": 1,
+        "unsafe_path": 4,
+    }
+    printed = capsys.readouterr().out
+    assert "unsafe_path" in printed and "imgs/good/a.png caption 1: same caption" in printed
+
+
+def test_symlink_outside_root_rejected(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "cuhk", "cuhk-pedes", [rec(1, "in/a.png", ["A man."])])
+    write_png(tmp_path / "elsewhere" / "secret.png")
+    (root / "imgs" / "in" / "link.png").symlink_to(tmp_path / "elsewhere" / "secret.png")
+    (root / "imgs" / "linkdir").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (root / "imgs" / "in" / "inside_link.png").symlink_to(root / "imgs" / "in" / "a.png")
+    records = [
+        rec(1, "in/a.png", ["A man."]),
+        rec(2, "in/link.png", ["A woman."]),
+        rec(3, "linkdir/secret.png", ["A child."]),
+        rec(4, "in/inside_link.png", ["An alias."]),  # a symlink within imgs/ is fine
+    ]
+    (root / "reid_raw.json").write_text(json.dumps(records))
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "cuhk-pedes", out) == 0
+    assert read_manifest(out)[0].column("person_id").to_pylist() == [1, 4]
+    bad = rejects_of(out)
+    assert [(r["record_index"], r["reason"]) for r in bad] == [(1, "unsafe_path"), (2, "unsafe_path")]
+    assert "in/link.png" in bad[0]["message"] and "linkdir/secret.png" in bad[1]["message"]
+
+
+# Structural failures
+@pytest.mark.parametrize(
+    "content, needle",
+    [
+        (None, "not found"),
+        ("{not json", "invalid JSON"),
+        ('{"a": 1}', "JSON list"),
+        ("[]", "zero usable rows"),
+    ],
+)
+def test_structural_failures_exit_nonzero_naming_file(tmp_path: Path, capsys, content, needle) -> None:
+    root = tmp_path / "ds"
+    root.mkdir()
+    if content is not None:
+        (root / "reid_raw.json").write_text(content)
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "cuhk-pedes", out) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and needle in err and str(root / "reid_raw.json") in err
+    assert not out.exists()
+
+
+def test_zero_usable_rows_when_all_images_missing(tmp_path: Path, capsys) -> None:
+    root = make_dataset(tmp_path / "ds", "cuhk-pedes", CUHK_RECORDS, images=[])
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "cuhk-pedes", out) == 2
+    err = capsys.readouterr().err
+    assert "zero usable rows" in err and "missing_image 8" in err and "reid_raw.json" in err
+    assert len(rejects_of(out)) == 8 and not out.exists()
+
+
+# Metadata, determinism, entry point
+def test_schema_metadata_and_version_check(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "cuhk", "cuhk-pedes", CUHK_RECORDS)
+    out = tmp_path / "m.parquet"
+    import_dataset("cuhk-pedes", root, out)
+    raw = pq.read_schema(out).metadata
+    assert raw[b"rsm.schema"] == b"manifest" and raw[b"rsm.schema_version"] == b"1"
+    _, meta = read_manifest(out)
+    assert meta["root"] == str(root.resolve()) and meta["format"] == "cuhk-pedes"
+    assert meta["source"] == str(root.resolve() / "reid_raw.json")
+    rejects = out.with_name("m.rejects.parquet")
+    with pytest.raises(ValueError, match="m.rejects.parquet"):
+        read_manifest(rejects)
+
+
+def test_two_runs_give_the_same_table(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "cuhk", "cuhk-pedes", CUHK_RECORDS)
+    first, second = tmp_path / "a.parquet", tmp_path / "b.parquet"
+    import_dataset("cuhk-pedes", root, first)
+    import_dataset("cuhk-pedes", root, second)
+    table_a, table_b = pq.read_table(first), pq.read_table(second)
+    assert table_a.equals(table_b, check_metadata=True)
+    assert table_a.column("caption").to_pylist()[:2] == ["A man in a red coat.", "He carries a black bag."]
+
+
+def test_module_entry_point_runs(tmp_path: Path) -> None:
+    root = make_dataset(tmp_path / "cuhk", "cuhk-pedes", CUHK_RECORDS)
+    out = tmp_path / "sub" / "m.parquet"
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "storage.manifest",
+        "--format",
+        "cuhk-pedes",
+        "--root",
+        str(root),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "captions" in proc.stdout and read_manifest(out)[0].num_rows == 8
+    bad = subprocess.run(
+        [*cmd[:-4], "--root", str(tmp_path / "nope"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert bad.returncode == 2 and "nope" in bad.stderr
