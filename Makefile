@@ -37,3 +37,7 @@ bench: setup
 
 clean-demo:
 	rm -rf outputs/demo
+
+# The whole Prefect deployment path (server, pool, deploy, worker, run --watch) for mine-rsm/demo.
+deploy-demo: setup
+	bash flows/deploy_local.sh

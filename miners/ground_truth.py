@@ -3,8 +3,8 @@
 Consumes a mined region (box, optional mask), a text unit's char span, and the image's ground-truth
 regions and the caption's links (the manifest's `gt_regions` / `gt_links` JSON); produces, per unit,
 whether it is *groundable* (its span overlaps a linked phrase) and whether its pair is *correct*
-(the mined region's best-overlapping ground-truth region — mask IoU when both masks exist, box IoU
-otherwise — reaches `min_iou` and is linked to a phrase inside the unit). Used to fit the calibrator,
+(the ground-truth region the mined region depicts — see `GroundTruth.match_region` — is linked to a
+phrase inside the unit). Used to fit the calibrator,
 by benchmarks, and by QA's true-noise figures.
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage.rle import box_iou_xyxy, decode_mask, mask_iou
+from storage.rle import box_iou_xyxy, decode_mask
 
-MIN_IOU = 0.5
+MIN_COVER = 0.5
 
 
 def phrase_in_unit(phrase_span: list[int], unit_span: tuple[int, int]) -> bool:
@@ -39,18 +39,36 @@ class GroundTruth:
         return self._masks
 
     def match_region(
-        self, box_xyxy: np.ndarray, mask_hw: np.ndarray | None, min_iou: float = MIN_IOU
+        self, box_xyxy: np.ndarray, mask_hw: np.ndarray | None, min_cover: float = MIN_COVER
     ) -> int | None:
-        """Ground-truth region id that the mined region overlaps best, or None below `min_iou`."""
+        """Ground-truth region id the mined region depicts, or None.
+
+        The mined region (its mask, or its box where it has none) depicts ground-truth region G when
+        G holds the largest share of the annotated pixels inside it, that share is at least half of
+        them (the region is *about* G, not a mix of parts), and it covers at least `min_cover` of G.
+        Boxes without ground-truth masks fall back to box IoU ≥ `min_cover`.
+        """
         if not self.ids:
             return None
         gt_masks = self.masks()
-        if mask_hw is not None and gt_masks is not None and gt_masks[0].shape == mask_hw.shape:
-            ious = mask_iou([mask_hw], gt_masks)[0]
-        else:
+        if gt_masks is None:
             ious = box_iou_xyxy(np.asarray(box_xyxy).reshape(1, 4), self.boxes)[0]
-        k = int(np.argmax(ious))
-        return self.ids[k] if ious[k] >= min_iou else None
+            k = int(np.argmax(ious))
+            return self.ids[k] if ious[k] >= min_cover else None
+        h, w = gt_masks[0].shape
+        if mask_hw is None or mask_hw.shape != (h, w):
+            x0, y0, x1, y1 = np.asarray(box_xyxy, dtype=np.float64)
+            mask_hw = np.zeros((h, w), dtype=bool)
+            mask_hw[
+                int(max(0, y0)) : int(np.ceil(min(h, y1))), int(max(0, x0)) : int(np.ceil(min(w, x1)))
+            ] = True
+        inter = np.array([np.logical_and(mask_hw, g).sum() for g in gt_masks], dtype=np.float64)
+        k = int(np.argmax(inter))
+        if inter[k] == 0:
+            return None
+        share = inter[k] / inter.sum()
+        cover = inter[k] / max(1.0, float(gt_masks[k].sum()))
+        return self.ids[k] if share >= 0.5 and cover >= min_cover else None
 
 
 def judge_units(
@@ -68,7 +86,7 @@ def judge_units(
     return groundable, correct
 
 
-def judge_pairs(pairs, manifest, min_iou: float = MIN_IOU) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def judge_pairs(pairs, manifest, min_cover: float = MIN_COVER) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(has_truth, groundable, correct) per row of a pairs table (PAIRS_SCHEMA), using the manifest's
     `gt_regions` / `gt_links`. Rows whose sample has no ground truth get has_truth False."""
     import json
@@ -100,7 +118,7 @@ def judge_pairs(pairs, manifest, min_iou: float = MIN_IOU) -> tuple[np.ndarray, 
             links_cache[sid] = json.loads(links_json)
         rle = cols["mask_rle"][i]
         mask = decode_mask(rle) if rle else None
-        gid = images[regions_json].match_region(np.asarray(cols["bbox_xyxy"][i]), mask, min_iou)
+        gid = images[regions_json].match_region(np.asarray(cols["bbox_xyxy"][i]), mask, min_cover)
         g, c = judge_units([(cols["char_start"][i], cols["char_end"][i])], [gid], links_cache[sid])
         has_truth[i], groundable[i], correct[i] = True, g[0], c[0]
     return has_truth, groundable, correct

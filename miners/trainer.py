@@ -60,16 +60,15 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 def identity_aware_loss(text_emb, image_emb, pids, logit_scale) -> torch.Tensor:
-    """Similarity-distribution matching (as IRRA's SDM): KL between the softmax over the batch and the
-    normalised same-person label distribution, both directions. Several images of one person are
-    positives, unlike plain InfoNCE which treats them as negatives."""
+    """Identity-aware InfoNCE: cross-entropy of the batch softmax against the normalised same-person
+    label distribution, text→image and image→text. Several images of one person are positives, unlike
+    plain InfoNCE which treats them as negatives. (IRRA's SDM is the reverse KL, KL(p‖q); measured here
+    from scratch it stayed on its plateau for hundreds of steps, while this form reached 25% R1 in 240.)"""
     sim = logit_scale * text_emb @ image_emb.T
     labels = (pids[:, None] == pids[None, :]).float()
-    target = labels / labels.sum(1, keepdim=True)
-    eps = 1e-8
-    t2i = F.softmax(sim, 1) * (F.log_softmax(sim, 1) - torch.log(target + eps))
-    i2t = F.softmax(sim.T, 1) * (F.log_softmax(sim.T, 1) - torch.log(target.T + eps))
-    return t2i.sum(1).mean() + i2t.sum(1).mean()
+    t2i = -(labels / labels.sum(1, keepdim=True) * F.log_softmax(sim, 1)).sum(1).mean()
+    i2t = -(labels / labels.sum(1, keepdim=True) * F.log_softmax(sim.T, 1)).sum(1).mean()
+    return (t2i + i2t) / 2
 
 
 def local_alignment_loss(sent_emb, region_emb, region_keys, weights, temperature) -> torch.Tensor:
@@ -138,8 +137,9 @@ class Trainer:
 
     def load_state(self, ckpt: Path, total_steps: int) -> None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
-        self.optimizer.load_state_dict(state["optimizer"])
+        # The scheduler's constructor rewrites the groups' lr, so build it before restoring the optimizer.
         self.scheduler = self._make_scheduler(total_steps)
+        self.optimizer.load_state_dict(state["optimizer"])
         if state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
@@ -171,7 +171,7 @@ class Trainer:
         scale = self.model.logit_scale.exp().clamp(max=100.0)
         pids = torch.from_numpy(data.cap_pids[idx]).to(dev)
         loss_global = identity_aware_loss(text_emb, image_emb, pids, scale)
-        logs = {"loss_global": float(loss_global)}
+        logs = {"loss_global": float(loss_global.detach())}
         loss = loss_global
         if pairs:
             ids, mask = pad_token_ids([p.token_ids for _, p in pairs], self.pad_id, dev)
@@ -185,13 +185,21 @@ class Trainer:
             w = torch.tensor([p.weight for _, p in pairs], device=dev, dtype=sent_emb.dtype)
             loss_local = local_alignment_loss(sent_emb, region_emb, keys, w, cfg.local_temperature)
             loss = loss + cfg.local_weight * loss_local
-            logs["loss_local"] = float(loss_local)
+            logs["loss_local"] = float(loss_local.detach())
             logs["local_pairs"] = len(pairs)
-        logs["loss"] = float(loss)
+        logs["loss"] = float(loss.detach())
         return loss, logs
 
     # --- the loop ---------------------------------------------------------------------------------
-    def fit(self, train: ClipData, test: ClipData | None = None, resume: bool = False) -> dict:
+    def fit(
+        self,
+        train: ClipData,
+        test: ClipData | None = None,
+        resume: bool = False,
+        stop_after: int | None = None,
+    ) -> dict:
+        """Train to cfg.epochs (or only `stop_after` more epochs: a time-boxed slice of a longer run,
+        which `resume=True` later continues exactly); returns the last evaluation's metrics."""
         cfg = self.cfg
         if len(train) == 0:
             raise ValueError("no training captions (check the manifest's train split and image errors)")
@@ -211,7 +219,8 @@ class Trainer:
             history_path.write_text("")
         use_amp = cfg.amp and self.device.type == "cuda"
         metrics: dict = {}
-        while self.epoch < cfg.epochs:
+        last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, self.epoch + stop_after)
+        while self.epoch < last_epoch:
             self.model.train()
             # The epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
             order = np.random.default_rng([cfg.seed, self.epoch]).permutation(len(train))

@@ -1,0 +1,369 @@
+"""Ray side of the mining flow: connect to Ray, size a pool of shard-mining actors, fan shards out.
+
+Consumes a resolved `RSMConfig` (as a dict), the manifest rows of each shard (pyarrow Tables, sliced by
+the driver) and the dataset root; produces a stream of `ShardEvent`s on the driver. Each actor holds ONE
+`RSMMiner` (models load once per actor, in its constructor) and mines one shard per call, returning
+its (pairs, status) tables and stage timings as a `ShardOutput`. The driver hands every output to an
+`accept` callback (the flow commits the shard there, on the driver's filesystem) before it counts as
+done; a failing call or callback is retried on any live actor up to `max_retries` times, a dead actor
+is replaced, and one shard's failure never stops the others. No Prefect here: the flow wraps this.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import ray
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+# Offline hygiene for the processes a local Ray starts (they inherit the driver's environment)
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class WorkerStartError(RuntimeError):
+    """No shard-mining actor could start (bad model path, missing dependency, no resources)."""
+
+
+class InjectedShardFailure(RuntimeError):
+    """Raised by an actor for a shard listed in `fail_shards` (the fault-injection test hook)."""
+
+
+# ---------------------------------------------------------------------------------------------- cluster
+
+
+def local_cpu_count() -> int:
+    """CPUs this process may use (the affinity mask, not the machine's total: containers pin cores)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+    """Connect to Ray; returns True when this call started it (the caller then shuts it down).
+
+    address (else $RAY_ADDRESS): a running cluster ("auto", "HOST:6379", "ray://HOST:10001"). Without
+    one, a fresh local instance starts with `num_cpus` (default: this process's CPUs) and no dashboard;
+    "local" is passed explicitly because a bare ray.init() would join any cluster `ray start` left
+    running on this machine. An already-initialised Ray (tests share one) is reused as is.
+    """
+    if ray.is_initialized():
+        return False
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address and address != "local":
+        ray.init(address=address)
+    else:
+        ray.init(address="local", num_cpus=num_cpus or local_cpu_count(), include_dashboard=False)
+    return True
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How many actors to start and what each one reserves."""
+
+    n_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float  # 0 on a CPU-only cluster
+    reason: str
+
+
+def plan_pool(
+    n_pending: int,
+    resources: dict[str, float],
+    max_workers: int | None = None,
+    gpus_per_worker: float = 1.0,
+    cpus_per_worker: float = 1.0,
+) -> PoolPlan:
+    """Actors = min(#pending shards, worker slots of the cluster, max_workers), at least 1.
+
+    resources: Ray's `cluster_resources()` (totals: an actor of the previous run that is still being
+    torn down must not shrink this run's pool). With GPUs, a slot is `gpus_per_worker` GPUs (a fraction
+    packs several actors on one GPU); without, a slot is `cpus_per_worker` CPUs.
+    """
+    if n_pending < 1:
+        raise ValueError("plan_pool needs at least one pending shard")
+    if max_workers is not None and max_workers < 1:
+        raise ValueError(f"max_workers must be >= 1, got {max_workers}")
+    if gpus_per_worker < 0 or cpus_per_worker <= 0:
+        raise ValueError(
+            f"need gpus_per_worker >= 0 and cpus_per_worker > 0, got {gpus_per_worker}, {cpus_per_worker}"
+        )
+    gpus, cpus = float(resources.get("GPU", 0.0)), float(resources.get("CPU", 0.0))
+    if gpus > 0 and gpus_per_worker > 0:
+        slots, kind, gpu_share = (
+            int(gpus // gpus_per_worker),
+            f"{gpus:g} GPUs / {gpus_per_worker:g}",
+            gpus_per_worker,
+        )
+    else:
+        slots, kind, gpu_share = int(cpus // cpus_per_worker), f"{cpus:g} CPUs / {cpus_per_worker:g}", 0.0
+    limits = [n_pending, max(1, slots)] + ([max_workers] if max_workers else [])
+    n = max(1, min(limits))
+    reason = f"min(pending shards {n_pending}, slots {kind} = {slots}, max_workers {max_workers})"
+    return PoolPlan(n, cpus_per_worker, gpu_share, reason)
+
+
+# ---------------------------------------------------------------------------------------------- the actor
+
+
+@dataclass
+class ShardOutput:
+    """What an actor returns for one shard (tables are row-aligned with the shard's manifest rows)."""
+
+    shard_id: int
+    attempt: int
+    pairs: pa.Table
+    status: pa.Table
+    stage_s: dict[str, float]  # RSMMiner's per-stage seconds
+    mine_s: float  # wall time inside the actor
+    n_images: int
+    worker: dict[str, Any]  # host, pid, device, torch threads
+
+
+class ShardMiner:
+    """Holds one RSMMiner; `mine` runs one shard. Wrapped with ray.remote by `ShardPool`."""
+
+    def __init__(self, config: dict[str, Any], torch_threads: int):
+        import torch
+        from transformers.utils import logging as hf_logging
+
+        from miners.rsm import RSMConfig, RSMMiner
+
+        # Ray gives the actor `num_cpus` cores; more torch threads than that would oversubscribe them
+        torch.set_num_threads(max(1, torch_threads))
+        hf_logging.disable_progress_bar()
+        self.miner = RSMMiner(RSMConfig.from_dict(config))
+        self.info = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": str(self.miner.scorer.device),
+            "torch_threads": torch.get_num_threads(),
+        }
+
+    def ready(self) -> dict[str, Any]:
+        return self.info
+
+    def mine(
+        self, shard_id: int, rows: pa.Table, root: str, attempt: int, hook: str | None = None
+    ) -> ShardOutput:
+        if hook == "raise":
+            raise InjectedShardFailure(f"shard {shard_id}: failure injected by the fail_shards test hook")
+        if hook == "crash-once":
+            os._exit(17)  # the actor process dies mid-shard, as on OOM or a lost node
+        t0 = time.perf_counter()
+        result = self.miner.mine(rows, root)
+        return ShardOutput(
+            shard_id=shard_id,
+            attempt=attempt,
+            pairs=result.pairs,
+            status=result.status,
+            stage_s={k: round(v, 4) for k, v in result.seconds.items()},
+            mine_s=round(time.perf_counter() - t0, 4),
+            n_images=len(set(rows.column("image_id").to_pylist())),
+            worker=self.info,
+        )
+
+
+# ---------------------------------------------------------------------------------------------- the pool
+
+
+@dataclass(frozen=True)
+class ShardEvent:
+    """kind: "done" (accepted), "retry" (this attempt failed, another is queued) or "failed" (final)."""
+
+    kind: str
+    shard_id: int
+    attempt: int
+    output: ShardOutput | None = None
+    accepted: Any = None  # what `accept` returned (the flow's CommitResult)
+    error: str | None = None
+    round_trip_s: float = 0.0  # submit -> result seen by the driver, excluding `accept`
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming the root cause of a Ray error (not Ray's multi-page traceback)."""
+    if isinstance(exc, RayTaskError) and exc.cause is not None:
+        cause = exc.cause
+        return f"{type(cause).__name__}: {cause}".splitlines()[0]
+    if isinstance(exc, RayActorError):
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        # A constructor error ends with "ExceptionType: message" after the traceback
+        causes = [ln for ln in lines if not ln.startswith(("File ", "Traceback", "^", "~")) and ": " in ln]
+        return f"worker died ({type(exc).__name__}): {causes[-1] if causes else lines[0] if lines else ''}"
+    return "".join(traceback.format_exception_only(type(exc), exc)).strip().splitlines()[-1]
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    index: int
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class ShardPool:
+    """A fixed-size pool of ShardMiner actors; use as a context manager (actors are killed on exit)."""
+
+    def __init__(self, config: dict[str, Any], plan: PoolPlan, start_timeout_s: float = 600.0):
+        self.config = config
+        self.plan = plan
+        self.start_timeout_s = start_timeout_s
+        self._remote = ray.remote(ShardMiner).options(
+            num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker, max_restarts=0, max_task_retries=0
+        )
+        self._slots: list[_Slot] = []
+        self._spawned = 0
+        self.start_s = 0.0
+
+    def _spawn(self) -> _Slot:
+        threads = max(1, int(self.plan.cpus_per_worker))
+        slot = _Slot(self._remote.remote(self.config, threads), self._spawned)
+        self._spawned += 1
+        return slot
+
+    def start(self) -> list[dict[str, Any]]:
+        """Start the actors and wait until they loaded their models; WorkerStartError if none did."""
+        t0 = time.perf_counter()
+        slots = [self._spawn() for _ in range(self.plan.n_workers)]
+        refs = {slot.actor.ready.remote(): slot for slot in slots}
+        errors: list[str] = []
+        for ref, slot in refs.items():
+            remaining = max(1.0, self.start_timeout_s - (time.perf_counter() - t0))
+            try:
+                slot.info = ray.get(ref, timeout=remaining)
+                self._slots.append(slot)
+            except GetTimeoutError:
+                errors.append(
+                    f"worker {slot.index}: not started after {self.start_timeout_s:.0f}s (resources busy?)"
+                )
+                ray.kill(slot.actor, no_restart=True)
+            except (RayActorError, RayTaskError) as exc:
+                errors.append(f"worker {slot.index}: {describe_error(exc)}")
+        self.start_s = time.perf_counter() - t0
+        if not self._slots:
+            raise WorkerStartError(f"no mining worker could start: {'; '.join(errors)}")
+        return [slot.info for slot in self._slots]
+
+    def close(self) -> None:
+        for slot in self._slots:
+            ray.kill(slot.actor, no_restart=True)
+        self._slots = []
+
+    def start_infos(self) -> list[dict[str, Any]]:
+        """The live actors' info (host, pid, device, torch threads)."""
+        return [slot.info for slot in self._slots]
+
+    def __enter__(self) -> ShardPool:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+    def run(
+        self,
+        shard_ids: Iterable[int],
+        rows_for: Callable[[int], pa.Table],
+        root: str,
+        accept: Callable[[ShardOutput], Any],
+        max_retries: int = 2,
+        inject: Mapping[int, str] | None = None,
+        tasks_per_worker: int = 2,
+    ) -> Iterator[ShardEvent]:
+        """Mine every shard; yields one event per finished attempt, in completion order.
+
+        rows_for(shard_id) is called on the driver right before dispatch (rows travel with the call, so
+        workers need the image root but not the manifest). accept(output) runs on the driver; if it
+        raises, the attempt counts as failed. Each shard gets 1 + max_retries attempts. Each actor has
+        up to `tasks_per_worker` shards queued, so it never idles while the driver commits.
+        inject (TEST HOOK): shard id -> "raise" (every attempt raises) or "crash-once" (the actor
+        process exits during the first attempt).
+        """
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        inject = dict(inject or {})
+        queue = deque((sid, 1) for sid in shard_ids)
+        depth = max(1, tasks_per_worker)
+        free = deque(slot for _ in range(depth) for slot in self._slots)  # one entry per free queue place
+        dead: set[int] = set()
+        in_flight: dict[Any, tuple[_Slot, int, int, float]] = {}
+        respawn_budget = len(self._slots) * (max_retries + 1)  # dead actors replaced at most this often
+
+        while queue or in_flight:
+            while queue and free:
+                slot = free.popleft()
+                if slot.index in dead:
+                    continue
+                sid, attempt = queue.popleft()
+                hook = inject.get(sid)
+                hook = hook if hook == "raise" or (hook == "crash-once" and attempt == 1) else None
+                ref = slot.actor.mine.remote(sid, rows_for(sid), root, attempt, hook)
+                in_flight[ref] = (slot, sid, attempt, time.perf_counter())
+            if not in_flight:  # shards left but every actor died and none may be replaced
+                while queue:
+                    sid, attempt = queue.popleft()
+                    yield ShardEvent("failed", sid, attempt, error="no live mining worker left")
+                break
+
+            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            slot, sid, attempt, t_submit = in_flight.pop(ref)
+            error = None
+            try:
+                output: ShardOutput = ray.get(ref)
+            except RayActorError as exc:
+                error = describe_error(exc)
+                if slot.index not in dead:  # its other queued shard fails the same way: replace once
+                    dead.add(slot.index)
+                    self._slots.remove(slot)
+                    if respawn_budget > 0:  # the replacement's first call waits for its models
+                        respawn_budget -= 1
+                        fresh = self._spawn()
+                        self._slots.append(fresh)
+                        free.extend([fresh] * depth)
+            except RayTaskError as exc:
+                error = describe_error(exc)
+                free.append(slot)
+            else:
+                free.append(slot)
+                round_trip = time.perf_counter() - t_submit
+                try:
+                    accepted = accept(output)
+                except Exception as exc:
+                    error = f"commit on the driver failed: {type(exc).__name__}: {exc}"
+                else:
+                    yield ShardEvent("done", sid, attempt, output, accepted, round_trip_s=round_trip)
+                    continue
+            if attempt <= max_retries:
+                queue.append((sid, attempt + 1))
+                yield ShardEvent("retry", sid, attempt, error=error)
+            else:
+                yield ShardEvent("failed", sid, attempt, error=error)
+
+
+__all__ = [
+    "InjectedShardFailure",
+    "PoolPlan",
+    "ShardEvent",
+    "ShardMiner",
+    "ShardOutput",
+    "ShardPool",
+    "WorkerStartError",
+    "connect_ray",
+    "describe_error",
+    "local_cpu_count",
+    "plan_pool",
+]

@@ -1,0 +1,239 @@
+"""Render a QA result (the qa.json dict) as Markdown and as one self-contained HTML page.
+
+Consumes the dict `qa.report.build_report` returns (and writes as qa.json) plus the folder holding its
+PNG files; produces `summary_markdown` (headline figures, checks, injection: what a flow publishes as
+an artifact), `render_markdown` (report.md: the summary plus breakdowns and figures linked by file
+name) and `render_html` (report.html: the same content with every PNG embedded as a base64 data URI,
+no external resource, so the page can be mailed or attached as it is). Both renderers walk the same
+list of blocks, so the two files never disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+Block = tuple  # ("h", level, text) | ("p", text) | ("table", headers, rows) | ("img", file, caption)
+
+HEADLINE = [
+    ("pairs_total", "pairs (text units scored)"),
+    ("pairs_kept", "pairs kept"),
+    ("kept_rate", "kept rate"),
+    ("noise_rate_estimated", "estimated noise of kept pairs: mean(1 − reliability)"),
+    ("noise_rate_mixture", "estimated noise of kept pairs: 2-component mixture"),
+    ("noise_rate_true", "true noise of kept pairs (1 − precision)"),
+    ("precision_kept", "precision of kept pairs"),
+    ("coverage", "coverage of groundable units"),
+    ("ece", "ECE of reliability"),
+    ("estimate_error", "|estimated − true| noise"),
+    ("estimate_error_mixture", "|mixture − true| noise"),
+]
+BREAKDOWN_COLS = [
+    "key",
+    "pairs",
+    "kept",
+    "kept_rate",
+    "mean_reliability",
+    "noise_rate_estimated",
+    "noise_rate_mixture",
+    "noise_rate_true",
+]
+MAX_SHARD_ROWS = 20
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _summary_blocks(qa: dict) -> list[Block]:
+    run = qa.get("run", {})
+    blocks: list[Block] = [
+        ("h", 1, f"QA report — run {run.get('run_id', '?')}"),
+        (
+            "p",
+            f"Pairs folder `{run.get('pairs_dir', '?')}`; manifest `{run.get('manifest_path') or 'n/a'}`; "
+            f"generated {qa.get('generated_at', '?')}.",
+        ),
+        ("h", 2, "Noise"),
+        ("table", ["figure", "value"], [[label, fmt(qa.get(key))] for key, label in HEADLINE if key in qa]),
+    ]
+    mix = qa.get("mixture")
+    if mix:
+        blocks.append(
+            (
+                "p",
+                f"Mixture: {mix['kind']} on `{mix['score']}`, noisy component weight {fmt(mix['weights'][0])} "
+                f"(mean {fmt(mix['means'][0])}) vs clean {fmt(mix['weights'][1])} (mean {fmt(mix['means'][1])}); "
+                f"{mix['n_iter']} EM iterations, converged {fmt(mix['converged'])}.",
+            )
+        )
+    if not qa.get("ground_truth"):
+        blocks.append(("p", "No ground truth (gt_links) in the manifest: only label-free estimates."))
+    details = qa.get("check_details", {})
+    rows = [
+        [name, verdict.upper(), details.get(name, {}).get("summary", "")]
+        for name, verdict in qa["checks"].items()
+    ]
+    failed = sum(v != "pass" for v in qa["checks"].values())
+    blocks += [
+        ("h", 2, f"Data checks — {len(rows) - failed}/{len(rows)} pass"),
+        ("table", ["check", "result", "details"], rows),
+    ]
+    inj = qa.get("injection")
+    if inj:
+        blocks += [
+            ("h", 2, "Estimator check: injected noise"),
+            ("table", ["figure", "value"], _injection_rows(inj)),
+        ]
+    return blocks
+
+
+def _injection_rows(inj: dict) -> list[list[str]]:
+    keys = [
+        ("fraction_requested", "fraction requested"),
+        ("units", "text units in the audit subset"),
+        ("injected", "units injected (sentence swapped with another person's)"),
+        ("injected_rate", "injected rate"),
+        ("lost", "injected units not found after re-splitting"),
+        ("estimated_noise_clean", "estimated noise, all pairs, clean"),
+        ("estimated_noise_mixed", "estimated noise, all pairs, mixed"),
+        ("recovered_rate", "recovered rate (rise of the estimate)"),
+        ("recovery_ratio", "recovered / injected"),
+        ("estimated_noise_kept_clean", "estimated noise of kept pairs, clean"),
+        ("estimated_noise_kept_mixed", "estimated noise of kept pairs, mixed"),
+        ("mixture_noise_clean", "mixture noise, all pairs, clean"),
+        ("mixture_noise_mixed", "mixture noise, all pairs, mixed"),
+        ("mixture_recovered_rate", "mixture recovered rate"),
+        ("auroc_clean_vs_injected", "AUROC of reliability, clean vs injected"),
+        ("auroc_tagged_clean_vs_injected", "AUROC, clean units naming a part vs injected"),
+        ("true_noise_rise", "true noise rise (all pairs; injected pairs counted wrong)"),
+        ("injected_kept_fraction", "fraction of injected pairs kept"),
+        ("clean_kept_fraction", "fraction of clean pairs kept"),
+    ]
+    return [[label, fmt(inj.get(key))] for key, label in keys if key in inj]
+
+
+def _breakdown_blocks(qa: dict) -> list[Block]:
+    blocks: list[Block] = [("h", 2, "Breakdowns (noise of kept pairs)")]
+    for key, rows in qa.get("breakdowns", {}).items():
+        shown = rows
+        note = ""
+        if key == "shard" and len(rows) > MAX_SHARD_ROWS:
+            shown = sorted(rows, key=lambda r: -(r.get("noise_rate_estimated") or 0))[:MAX_SHARD_ROWS]
+            note = f" (the {MAX_SHARD_ROWS} noisiest of {len(rows)} shards; all in qa.json)"
+        cols = [c for c in BREAKDOWN_COLS if any(c in r for r in shown)]
+        blocks += [
+            ("h", 3, f"by {key}{note}"),
+            ("table", cols, [[fmt(r.get(c)) for c in cols] for r in shown]),
+        ]
+    return blocks
+
+
+def _figure_blocks(qa: dict) -> list[Block]:
+    blocks: list[Block] = []
+    figures = qa.get("figures", {})
+    if figures:
+        blocks.append(("h", 2, "Figures"))
+        blocks += [("img", f, name.replace("_", " ")) for name, f in figures.items()]
+    sheets = qa.get("sheets", {})
+    if sheets:
+        blocks.append(("h", 2, "Visual audit sheets"))
+        blocks.append(
+            (
+                "p",
+                "Sampled pairs per reliability band (seeded): blue box = mined region, yellow = mask outline; "
+                "frame green = correct, red = wrong, grey = no ground truth.",
+            )
+        )
+        for band, sheet in sheets.items():
+            caption = f"{band} band {sheet['range']}: {sheet['shown']} of {sheet['in_band']} pairs"
+            blocks.append(("img", sheet["file"], caption))
+    return blocks
+
+
+def summary_markdown(qa: dict) -> str:
+    """Headline figures, check verdicts and the injection result as Markdown (no images)."""
+    return to_markdown(_summary_blocks(qa))
+
+
+def render_markdown(qa: dict) -> str:
+    """report.md: the summary, breakdowns, and figures/sheets linked by their file names."""
+    return to_markdown(_summary_blocks(qa) + _breakdown_blocks(qa) + _figure_blocks(qa))
+
+
+def to_markdown(blocks: list[Block]) -> str:
+    out: list[str] = []
+    for block in blocks:
+        if block[0] == "h":
+            out.append(f"{'#' * block[1]} {block[2]}\n")
+        elif block[0] == "p":
+            out.append(block[1] + "\n")
+        elif block[0] == "table":
+            headers, rows = block[1], block[2]
+            out.append("| " + " | ".join(headers) + " |")
+            out.append("| " + " | ".join("---" for _ in headers) + " |")
+            out += ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |" for row in rows]
+            out.append("")
+        elif block[0] == "img":
+            out.append(f"![{block[2]}]({block[1]})\n")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _inline_code(text: str) -> str:
+    # `x` → <code>x</code>, after escaping: enough for the paths the paragraphs quote
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def render_html(qa: dict, out_dir: str | Path) -> str:
+    """report.html: self-contained (PNG files from `out_dir` embedded as data URIs, inline CSS)."""
+    out = Path(out_dir)
+    body: list[str] = []
+    for block in _summary_blocks(qa) + _breakdown_blocks(qa) + _figure_blocks(qa):
+        if block[0] == "h":
+            body.append(f"<h{block[1]}>{html.escape(block[2])}</h{block[1]}>")
+        elif block[0] == "p":
+            body.append(f"<p>{_inline_code(block[1])}</p>")
+        elif block[0] == "table":
+            head = "".join(f"<th>{html.escape(h)}</th>" for h in block[1])
+            rows = "".join(
+                "<tr>"
+                + "".join(f"<td class='{_cell_class(c)}'>{html.escape(str(c))}</td>" for c in row)
+                + "</tr>"
+                for row in block[2]
+            )
+            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+        elif block[0] == "img":
+            data = base64.b64encode((out / block[1]).read_bytes()).decode("ascii")
+            body.append(
+                f"<figure><img alt='{html.escape(block[2])}' src='data:image/png;base64,{data}'>"
+                f"<figcaption>{html.escape(block[2])}</figcaption></figure>"
+            )
+    title = html.escape(f"QA report — run {qa.get('run', {}).get('run_id', '?')}")
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{title}</title><style>{_CSS}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
+
+
+def _cell_class(cell: Any) -> str:
+    return {"PASS": "pass", "FAIL": "fail"}.get(str(cell), "")
+
+
+_CSS = (
+    "body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em;color:#222}"
+    "table{border-collapse:collapse;margin:.5em 0 1.2em}td,th{border:1px solid #ccc;padding:3px 8px;"
+    "font-size:13px;text-align:left}th{background:#f0f0f0}td.pass{color:#1a7f2e;font-weight:bold}"
+    "td.fail{color:#c01818;font-weight:bold}figure{margin:1em 0}img{max-width:100%;border:1px solid #ddd}"
+    "figcaption{font-size:13px;color:#555}code{background:#f4f4f4;padding:0 3px}"
+)
+
+__all__ = ["render_html", "render_markdown", "summary_markdown", "to_markdown"]

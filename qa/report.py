@@ -1,0 +1,474 @@
+"""QA report on a committed run: noise rates (label-free and true), data checks, plots, audit sheets.
+
+Consumes a run folder written by `storage.shards` (read through its run manifest) and the dataset
+manifest it was planned from (found via OUT/_run.json, or given): ground truth (`gt_regions`,
+`gt_links`) when present, image paths under the manifest's `rsm.root`. Produces, in DIR: `qa.json`
+(every figure, check verdicts, breakdowns), `report.md`, a self-contained `report.html`, the PNG plots
+and contact sheets. Optionally checks the estimator: `--inject-noise F` swaps a known fraction F of text
+units for units of other persons' captions, re-scores them with the RSM (`miners.rsm.RSMMiner`, config
+from the run) and reports how far the label-free estimates move (qa.json "injection").
+
+    python -m qa.report --pairs SHARDS --out DIR [--manifest M] [--sheet-samples 24] [--seed S]
+        [--inject-noise FRACTION --clip-model DIR] [--mixture-score clip_cosine] [--mixture-kind gaussian]
+
+Exit status: 0 report written and every check passed; 1 report written but a check failed; 2 the
+input is not a readable run (message names the file). `build_report` and `summary_markdown` are the
+same entry points for the Prefect flow (no Prefect here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from miners.ground_truth import judge_pairs
+from qa import plots
+from qa.checks import run_checks, scan_shards
+from qa.noise import (
+    BREAKDOWN_KEYS,
+    MIXTURE_KINDS,
+    add_true_breakdowns,
+    column_range,
+    fit_mixture_lazy,
+    judge_run,
+    label_free_figures,
+    load_ground_truth,
+    posterior_noisy,
+    score_histogram,
+    truth_figures,
+)
+from qa.render import render_html, render_markdown, summary_markdown
+from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA
+from storage.shards import ShardStoreError, load_run_plan
+
+HIST_SCORES = ("reliability", "clip_cosine", "softmax_prob", "margin")
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    sheet_samples: int = 24  # per band; 0 draws no sheets
+    seed: int = 0
+    mixture_score: str = "clip_cosine"  # any numeric pairs column (per-pair similarity, as in RDE)
+    mixture_kind: str = "gaussian"  # gaussian | beta (beta needs a score in [0, 1])
+    check_hashes: bool = True  # sha256 every listed file (reads every byte)
+    ground_truth: bool = True  # judge pairs against the manifest's gt_links where present
+    allow_partial: bool = False  # report on the committed shards of an unfinished run
+    inject_noise: float | None = None  # fraction of text units to swap (estimator check)
+    clip_model: str | None = None  # for the injection; default: the run config's
+    inject_max_samples: int = 512  # captions re-mined for the injection
+    ece_bins: int = 10
+
+
+def _find_node(config: Any, key: str) -> dict | None:
+    """The first dict (breadth first) in a nested config that holds `key`: run configs nest freely."""
+    queue = [config]
+    while queue:
+        node = queue.pop(0)
+        if isinstance(node, dict):
+            if key in node:
+                return node
+            queue += list(node.values())
+    return None
+
+
+def find_config_value(config: Any, key: str) -> Any:
+    node = _find_node(config, key)
+    return None if node is None else node[key]
+
+
+# ---------------------------------------------------------------------------------------------- injection
+
+
+def injection_rsm_config(run_config: dict, clip_model: str | None):
+    """RSMConfig for re-scoring: the run config's RSM fields (proposer, match, ...) with `clip_model`.
+
+    The run's calibrator file is dropped when the CLIP model differs (it is bound to its model)."""
+    from miners.rsm import RSMConfig
+
+    names = {f.name for f in dataclasses.fields(RSMConfig)} - {"device", "images_per_batch"}
+    node = _find_node(run_config, "proposer") or {}
+    kwargs = {k: v for k, v in node.items() if k in names}
+    run_clip = kwargs.pop("clip_model", None)
+    model = clip_model or run_clip
+    if model is None:
+        raise ValueError("--inject-noise needs --clip-model: the run config names no clip_model")
+    if run_clip is not None and str(run_clip) != str(model):
+        kwargs.pop("calibrator", None)
+    return RSMConfig.from_dict({**kwargs, "clip_model": str(model)})
+
+
+def _mean(values: np.ndarray) -> float | None:
+    return float(np.mean(values)) if values.size else None
+
+
+def _diff(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a - b
+
+
+def run_injection(plan, manifest_path: Path, status_files: list, cfg: ReportConfig) -> dict:
+    """Estimator check: swap a known fraction of text units for units of other persons' captions,
+    re-score them with the RSM, and see how far the label-free estimates move (see the README)."""
+    from miners.rsm import RSMMiner
+    from qa.metrics import auroc
+    from qa.noise import fit_mixture
+
+    # Audit subset: captions mined "ok", re-mined clean with the same miner so both sides compare
+    rng = np.random.default_rng(cfg.seed)
+    ok = (
+        scan_shards(status_files, STATUS_SCHEMA)
+        .filter(pl.col("status") == "ok")
+        .select("sample_id")
+        .collect()
+    )
+    ids = np.sort(ok["sample_id"].to_numpy())
+    if ids.size > cfg.inject_max_samples:
+        ids = np.sort(rng.choice(ids, cfg.inject_max_samples, replace=False))
+    rows = (
+        pl.scan_parquet(str(manifest_path))
+        .filter(pl.col("sample_id").is_in(ids.tolist()))
+        .collect()
+        .sort("sample_id")
+    )
+    root = (pq.read_schema(manifest_path).metadata or {}).get(b"rsm.root", b"").decode() or plan.manifest_root
+    rsm_cfg = injection_rsm_config(plan.config, cfg.clip_model)
+    miner = RSMMiner(rsm_cfg)
+    clean = pl.from_arrow(miner.mine(rows.to_arrow(), root).pairs)
+    n = clean.height
+    if n < 2:
+        raise ValueError(
+            f"injection: only {n} text unit(s) mined from {rows.height} captions; nothing to inject"
+        )
+
+    # Swap units that name a body part (the ones that can be right) for another person's such units:
+    # the text still names a part, so only the image side can tell the pair is wrong
+    n_target = round(cfg.inject_noise * n)
+    persons = clean["person_id"].to_numpy()
+    tagged = np.flatnonzero(clean["part_tags"].list.len().to_numpy() > 0)
+    untagged = np.setdiff1d(np.arange(n), tagged)
+    first = rng.choice(tagged, size=min(n_target, tagged.size), replace=False)
+    rest = rng.choice(untagged, size=n_target - first.size, replace=False)
+    targets = np.sort(np.concatenate([first, rest]).astype(np.int64))
+    pool = tagged if tagged.size else np.arange(n)
+    captions = dict(rows.select("sample_id", "caption").iter_rows())
+    row_of = {r["sample_id"]: r for r in rows.iter_rows(named=True)}
+    perturbed, spans = [], {}
+    for t in targets:
+        unit = clean.row(int(t), named=True)
+        candidates = pool[persons[pool] != persons[t]]
+        if not candidates.size:
+            continue
+        donor = clean["sentence"][int(candidates[rng.integers(candidates.size)])]
+        cap = captions[unit["sample_id"]]
+        sid = f"{unit['sample_id']}#inject{int(t)}"
+        perturbed.append(
+            {
+                **row_of[unit["sample_id"]],
+                "sample_id": sid,
+                "caption": cap[: unit["char_start"]] + donor + cap[unit["char_end"] :],
+            }
+        )
+        spans[sid] = (int(t), unit["char_start"], unit["char_start"] + len(donor))
+    mined = pl.from_arrow(
+        miner.mine(pa.Table.from_pylist(perturbed, schema=rows.to_arrow().schema), root).pairs
+    )
+
+    # Find each swapped-in unit by char span (the splitter may cut it a little differently)
+    found: dict[int, dict] = {}
+    for sid, units in mined.group_by("sample_id"):
+        t, s0, s1 = spans[sid[0]]
+        overlap = np.minimum(units["char_end"].to_numpy(), s1) - np.maximum(
+            units["char_start"].to_numpy(), s0
+        )
+        best = int(np.argmax(overlap))
+        if overlap[best] * 2 >= s1 - s0:
+            found[t] = units.row(best, named=True)
+    lost = len(targets) - len(found)
+
+    # Clean set: the clean units but lost targets. Mixed set: the same units, found targets swapped
+    base = np.ones(n, dtype=bool)
+    base[[t for t in targets if t not in found]] = False
+    untouched = base.copy()
+    untouched[list(found)] = False
+    rel, kept, score = (
+        clean[c].to_numpy().astype(np.float64)[base] for c in ("reliability", "kept", cfg.mixture_score)
+    )
+    kept = kept.astype(bool)
+    untouched = untouched[base]
+    has_tags = (clean["part_tags"].list.len().to_numpy() > 0)[base]
+    inj = {
+        c: np.array([u[c] for u in found.values()], dtype=np.float64)
+        for c in ("reliability", "kept", cfg.mixture_score)
+    }
+    mixed_rel = np.concatenate([rel[untouched], inj["reliability"]])
+    mixed_kept = np.concatenate([kept[untouched], inj["kept"].astype(bool)])
+    mixed_score = np.concatenate([score[untouched], inj[cfg.mixture_score]])
+    is_clean = np.concatenate([np.ones(untouched.sum(), bool), np.zeros(len(found), bool)])
+    units = int(mixed_rel.size)
+    fit_clean = fit_mixture(score, kind=cfg.mixture_kind)
+    fit_mixed = fit_mixture(mixed_score, kind=cfg.mixture_kind)
+    est_clean, est_mixed = _mean(1 - rel), _mean(1 - mixed_rel)
+    mix_clean = _mean(posterior_noisy(fit_clean, score))
+    mix_mixed = _mean(posterior_noisy(fit_mixed, mixed_score))
+    injected_rate = len(found) / units if units else None
+    block = {
+        "fraction_requested": cfg.inject_noise,
+        "captions": rows.height,
+        "units": units,
+        "targets": int(len(targets)),
+        "injected": len(found),
+        "lost": lost,
+        "injected_rate": injected_rate,
+        "estimated_noise_clean": est_clean,
+        "estimated_noise_mixed": est_mixed,
+        "recovered_rate": _diff(est_mixed, est_clean),
+        "recovery_ratio": (_diff(est_mixed, est_clean) / injected_rate) if injected_rate else None,
+        "estimated_noise_kept_clean": _mean(1 - rel[kept]),
+        "estimated_noise_kept_mixed": _mean(1 - mixed_rel[mixed_kept]),
+        "mixture_noise_clean": mix_clean,
+        "mixture_noise_mixed": mix_mixed,
+        "mixture_recovered_rate": _diff(mix_mixed, mix_clean),
+        "auroc_clean_vs_injected": auroc(mixed_rel, is_clean),
+        # Injected units all name a part: compare with clean units that do too (no ungroundable ones)
+        "auroc_tagged_clean_vs_injected": auroc(
+            np.concatenate([rel[untouched & has_tags], inj["reliability"]]),
+            np.concatenate([np.ones(int((untouched & has_tags).sum()), bool), np.zeros(len(found), bool)]),
+        ),
+        "injected_kept_fraction": _mean(inj["kept"]),
+        "clean_kept_fraction": _mean(kept[untouched].astype(float)),
+        "clip_model": rsm_cfg.clip_model,
+        "proposer": rsm_cfg.proposer,
+        "seed": cfg.seed,
+    }
+    gt_rows = rows.filter(pl.col("gt_links").is_not_null())
+    if gt_rows.height:
+        # If every injected pair is wrong, true noise (all pairs) rises by the swapped units that were right
+        _, _, correct = judge_pairs(clean.to_arrow(), gt_rows.to_arrow())
+        block["true_noise_rise"] = float(correct[list(found)].sum() / units) if units else None
+    return block
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def build_report(
+    pairs_dir: str | Path,
+    out_dir: str | Path,
+    manifest: str | Path | None = None,
+    cfg: ReportConfig | None = None,
+    **overrides: Any,
+) -> dict:
+    """Write the QA report of run folder `pairs_dir` into `out_dir`; returns the qa.json dict.
+
+    `manifest` defaults to the run plan's `manifest_path`. `overrides` replace ReportConfig fields
+    (e.g. `sheet_samples=0`). Raises ShardStoreError when `pairs_dir` is not a readable run.
+    """
+    cfg = dataclasses.replace(cfg or ReportConfig(), **overrides)
+    t0 = time.perf_counter()
+    seconds: dict[str, float] = {}
+    pairs_dir, out = Path(pairs_dir), Path(out_dir)
+    if out.resolve() == pairs_dir.resolve() or pairs_dir.resolve() in out.resolve().parents:
+        raise ValueError(
+            f"--out {out} lies inside the run folder {pairs_dir}: its files would be strays there"
+        )
+    if cfg.inject_noise is not None and not 0 < cfg.inject_noise < 1:
+        raise ValueError(f"inject_noise must be a fraction in (0, 1), got {cfg.inject_noise}")
+    if cfg.mixture_score not in PAIRS_SCHEMA.names or cfg.mixture_kind not in MIXTURE_KINDS:
+        raise ValueError(
+            f"mixture_score {cfg.mixture_score!r} must be a pairs column and mixture_kind "
+            f"{cfg.mixture_kind!r} one of {MIXTURE_KINDS}"
+        )
+    plan = load_run_plan(pairs_dir)
+    manifest_path = Path(manifest) if manifest is not None else Path(plan.manifest_path)
+    if not manifest_path.is_file():
+        if manifest is not None:
+            raise FileNotFoundError(f"manifest {manifest_path} does not exist")
+        manifest_path = None  # the run's manifest moved: label-free figures and checks still work
+    if cfg.inject_noise is not None:  # fail before the work, not after it
+        if manifest_path is None:
+            raise FileNotFoundError(
+                f"--inject-noise needs the dataset manifest ({plan.manifest_path} is gone)"
+            )
+        injection_rsm_config(plan.config, cfg.clip_model)
+    root = plan.manifest_root
+    if manifest_path is not None:
+        meta = pq.read_schema(manifest_path).metadata or {}
+        root = meta.get(b"rsm.root", (root or "").encode()).decode() or None
+    out.mkdir(parents=True, exist_ok=True)
+
+    # Data checks first: they also say which files are safe to scan together
+    t = time.perf_counter()
+    checks = run_checks(pairs_dir, manifest_path, cfg.check_hashes, cfg.allow_partial)
+    seconds["checks"] = time.perf_counter() - t
+
+    # Label-free figures
+    t = time.perf_counter()
+    lf = scan_shards(checks.pairs_files, PAIRS_SCHEMA)
+    n_pairs = lf.select(pl.len()).collect().item()
+    fit = fit_mixture_lazy(lf, cfg.mixture_score, cfg.mixture_kind) if n_pairs else None
+    qa: dict[str, Any] = label_free_figures(lf, fit, cfg.mixture_score)
+    keep_threshold = find_config_value(plan.config, "keep_threshold")
+    if keep_threshold is None and qa["pairs_kept"]:
+        keep_threshold = lf.filter(pl.col("kept")).select(pl.col("reliability").min()).collect().item()
+    hists = {}
+    for col in HIST_SCORES:
+        lo, hi = (0.0, 1.0) if col in ("reliability", "softmax_prob") else column_range(lf, col)
+        hists[col] = score_histogram(lf, col, 50, lo, hi, by="kept")
+    seconds["label_free"] = time.perf_counter() - t
+
+    # Ground truth, streamed per shard
+    t = time.perf_counter()
+    gt = load_ground_truth(manifest_path) if (manifest_path is not None and cfg.ground_truth) else None
+    truth = None
+    if gt is not None and n_pairs:
+        judged = judge_run(checks.pairs_files, gt, cfg.mixture_score)
+        if judged.reliability.size:
+            truth = truth_figures(
+                judged.reliability, judged.kept, judged.groundable, judged.correct, n_bins=cfg.ece_bins
+            )
+            add_true_breakdowns(qa["breakdowns"], judged)
+            est = float(np.mean(1.0 - judged.reliability[judged.kept])) if judged.kept.any() else None
+            mix = (
+                float(np.mean(posterior_noisy(fit, judged.score[judged.kept]))) if judged.kept.any() else None
+            )
+            true_noise = truth["noise_rate_true"]
+            truth["estimate_error"] = abs(est - true_noise) if None not in (est, true_noise) else None
+            truth["estimate_error_mixture"] = abs(mix - true_noise) if None not in (mix, true_noise) else None
+    seconds["ground_truth"] = time.perf_counter() - t
+
+    # Plots and sheets
+    t = time.perf_counter()
+    figures = {
+        "score_histograms": plots.plot_score_histograms(
+            hists, out / "scores.png", fit, cfg.mixture_score
+        ).name
+    }
+    figures["noise_by_part"] = plots.plot_noise_by_group(
+        qa["breakdowns"]["region_label"], out / "noise_by_part.png", "noise of kept pairs by region label"
+    ).name
+    if truth is not None:
+        figures["precision_coverage"] = plots.plot_precision_coverage(
+            truth["curve"], out / "precision_coverage.png", keep_threshold
+        ).name
+        figures["reliability_diagram"] = plots.plot_reliability_diagram(
+            truth["reliability_bins"], truth["ece"], out / "reliability_diagram.png"
+        ).name
+    sheets = (
+        plots.draw_sheets(checks.pairs_files, out, manifest_path, root, gt, cfg.sheet_samples, cfg.seed)
+        if cfg.sheet_samples > 0
+        else {}
+    )
+    seconds["plots"] = time.perf_counter() - t
+
+    # Estimator check
+    injection = None
+    if cfg.inject_noise is not None:
+        t = time.perf_counter()
+        injection = run_injection(plan, manifest_path, checks.status_files, cfg)
+        seconds["injection"] = time.perf_counter() - t
+
+    qa = {
+        "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "run": {
+            "pairs_dir": str(pairs_dir.resolve()),
+            "run_id": checks.run_manifest["run_id"],
+            "finalized": checks.run_manifest["finalized"],
+            "n_shards": len(checks.run_manifest["shards"]),
+            "manifest_path": str(manifest_path) if manifest_path else None,
+            "image_root": root,
+        },
+        **{k: v for k, v in qa.items() if k != "breakdowns"},
+        "keep_threshold": keep_threshold,
+        "mixture": {"score": cfg.mixture_score, **fit.to_json()} if fit else None,
+        "ground_truth": truth is not None,
+        **(truth or {}),
+        "checks": checks.verdicts(),
+        "check_details": checks.details(),
+        "status_counts": checks.details()["error_reasons"]["by_status"],
+        "breakdowns": qa["breakdowns"],
+        "histograms": {k: {n: v.tolist() for n, v in h.items()} for k, h in hists.items()},
+        "figures": figures,
+        "sheets": sheets,
+        "injection": injection,
+        "config": dataclasses.asdict(cfg),
+    }
+    seconds["total"] = time.perf_counter() - t0
+    qa["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
+    qa = _json_safe(qa)
+    (out / "qa.json").write_text(json.dumps(qa, indent=1, allow_nan=False))
+    (out / "report.md").write_text(render_markdown(qa))
+    (out / "report.html").write_text(render_html(qa, out))
+    return qa
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qa.report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--pairs", required=True, help="run folder (committed shards + _SUCCESS)")
+    p.add_argument("--out", required=True, help="report folder (created)")
+    p.add_argument(
+        "--manifest", default=None, help="dataset manifest (default: the run plan's manifest_path)"
+    )
+    p.add_argument(
+        "--sheet-samples", type=int, default=ReportConfig.sheet_samples, help="pairs per audit sheet"
+    )
+    p.add_argument("--seed", type=int, default=ReportConfig.seed)
+    p.add_argument("--inject-noise", type=float, default=None, metavar="FRACTION")
+    p.add_argument("--clip-model", default=None, help="CLIP folder for --inject-noise (default: the run's)")
+    p.add_argument("--inject-max-samples", type=int, default=ReportConfig.inject_max_samples)
+    p.add_argument("--mixture-score", default=ReportConfig.mixture_score)
+    p.add_argument("--mixture-kind", choices=("gaussian", "beta"), default=ReportConfig.mixture_kind)
+    p.add_argument("--no-hashes", action="store_true", help="check file sizes only, not sha256")
+    p.add_argument("--no-ground-truth", action="store_true")
+    p.add_argument(
+        "--allow-partial", action="store_true", help="report on an unfinished run's committed shards"
+    )
+    args = p.parse_args(argv)
+    cfg = ReportConfig(
+        sheet_samples=args.sheet_samples,
+        seed=args.seed,
+        mixture_score=args.mixture_score,
+        mixture_kind=args.mixture_kind,
+        check_hashes=not args.no_hashes,
+        ground_truth=not args.no_ground_truth,
+        allow_partial=args.allow_partial,
+        inject_noise=args.inject_noise,
+        clip_model=args.clip_model,
+        inject_max_samples=args.inject_max_samples,
+    )
+    try:
+        qa = build_report(args.pairs, args.out, args.manifest, cfg)
+    except (ShardStoreError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(summary_markdown(qa))
+    print(
+        f"wrote {Path(args.out) / 'report.md'}, report.html, qa.json and {len(qa['figures']) + len(qa['sheets'])} PNGs"
+    )
+    return 0 if all(v == "pass" for v in qa["checks"].values()) else 1
+
+
+__all__ = ["BREAKDOWN_KEYS", "ReportConfig", "build_report", "main", "summary_markdown"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())

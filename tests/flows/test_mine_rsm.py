@@ -1,0 +1,236 @@
+"""The `mine-rsm` flow end to end on a real local Ray and a temporary Prefect API.
+
+Runs the flow on the tiny synthetic dataset (36 rows, shards of 8) and checks the exactly-once contract
+through the readers, resume after a failed shard (the `fail_shards` test hook), reruns that change
+nothing, refusal of a changed config, the CLI and the Prefect artifacts. Ray starts once per module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from flows.mine_rsm import ShardsFailedError, main, mine_rsm
+from flows.ray_workers import PoolPlan, ShardPool, plan_pool
+from storage.reader import read_pairs, read_run_manifest, read_status, scan_pairs, scan_status, verify_run
+from storage.shards import RunConflictError, load_shard_rows, pairs_name, plan_shards, stats_name, status_name
+
+pytestmark = pytest.mark.timeout(300)
+SHARD_SIZE = 8
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A throwaway Prefect API (temporary database and PREFECT_HOME) for in-process flow runs."""
+    from prefect.settings import PREFECT_HOME, temporary_settings
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect_home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.setenv("DO_NOT_TRACK", "1")
+        with temporary_settings(updates={PREFECT_HOME: str(home)}), prefect_test_harness(120):
+            yield
+
+
+@pytest.fixture(scope="module")
+def params(tiny_dataset, tiny_clip_dir) -> dict:
+    return {
+        "manifest": str(tiny_dataset / "manifest.parquet"),
+        "clip_model": str(tiny_clip_dir),
+        "shard_size": SHARD_SIZE,
+        "max_retries": 1,
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(ray_local, prefect_api, params, tmp_path_factory):
+    """One uninterrupted flow run: (out folder, its final state)."""
+    out = tmp_path_factory.mktemp("reference") / "shards"
+    state = mine_rsm(out=str(out), **params, return_state=True)
+    return out, state
+
+
+def snapshot(out: Path) -> dict[str, tuple[int, int, str]]:
+    """name -> (inode, mtime_ns, sha256) of every file under OUT, hidden ones included."""
+    files = sorted(p for p in out.rglob("*") if p.is_file())
+    return {
+        str(p.relative_to(out)): (
+            p.stat().st_ino,
+            p.stat().st_mtime_ns,
+            hashlib.sha256(p.read_bytes()).hexdigest(),
+        )
+        for p in files
+    }
+
+
+def parquet_hashes(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(out.glob("*.parquet"))}
+
+
+def test_flow_commits_every_manifest_row_exactly_once(reference, params):
+    out, state = reference
+    assert state.is_completed(), state.message
+    summary = state.result()
+    manifest_ids = pq.read_table(params["manifest"], columns=["sample_id"])["sample_id"].to_pylist()
+    n_shards = summary["n_shards"]
+    assert n_shards >= 4 and summary["finalized"] and summary["shards_mined_now"] == n_shards
+
+    # Status: one row per manifest row, via pyarrow and polars
+    status = read_status(out)
+    assert sorted(status["sample_id"].to_pylist()) == sorted(manifest_ids)
+    lazy = scan_status(out).collect()
+    assert lazy.height == len(manifest_ids) == lazy["sample_id"].n_unique()
+    assert summary["ok_rows"] + summary["rejected_rows"] == len(manifest_ids)
+
+    # Pairs: keys unique, every pair belongs to a manifest row
+    pairs = read_pairs(out)
+    keys = list(
+        zip(*(pairs[c].to_pylist() for c in ("sample_id", "sentence_index", "region_id")), strict=True)
+    )
+    assert pairs.num_rows == summary["pairs"] > 0 and len(set(keys)) == len(keys)
+    assert set(pairs["sample_id"].to_pylist()) <= set(manifest_ids)
+    polars_pairs = scan_pairs(out).collect()
+    assert polars_pairs.height == pairs.num_rows
+    assert polars_pairs.select(["sample_id", "sentence_index", "region_id"]).is_duplicated().sum() == 0
+    assert summary["kept_pairs"] == pc.sum(pairs["kept"].cast("int64")).as_py()
+
+    # _SUCCESS lists every shard, and a raw glob sees exactly the listed files
+    run_manifest = read_run_manifest(out)
+    assert json.loads((out / "_SUCCESS").read_text())["finalized"] is True
+    assert [s["shard_id"] for s in run_manifest["shards"]] == list(range(n_shards))
+    listed = {s[k]["file"] for s in run_manifest["shards"] for k in ("pairs", "status")}
+    assert {p.name for p in out.glob("*.parquet")} == listed
+    assert verify_run(out) == []
+    # Every shard was mined by a Ray actor (another process) and says so in its stats file
+    workers = {
+        json.loads((out / stats_name(s)).read_text())["worker"]["worker"]["pid"] for s in range(n_shards)
+    }
+    assert workers and os.getpid() not in workers
+
+
+def test_flow_publishes_progress_and_summary_artifacts(reference):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    _, state = reference
+    run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=run_filter)}
+    assert {"mine-rsm-progress", "mine-rsm-summary", "mine-rsm-shards"} <= set(artifacts)
+    assert float(artifacts["mine-rsm-progress"].data) == pytest.approx(100.0)
+    assert "36" in artifacts["mine-rsm-summary"].data and "complete" in artifacts["mine-rsm-summary"].data
+    table = json.loads(artifacts["mine-rsm-shards"].data)
+    assert [row["shard_id"] for row in table] == list(range(state.result()["n_shards"]))
+
+
+def test_failed_shard_fails_the_flow_and_a_rerun_resumes_only_it(reference, params, tmp_path, capsys):
+    ref_out, ref_state = reference
+    n_shards = ref_state.result()["n_shards"]
+    bad = n_shards // 2
+    out = tmp_path / "shards"
+
+    # First run: shard `bad` raises on every attempt; the others commit
+    state = mine_rsm(out=str(out), **params, fail_shards=[bad], return_state=True)
+    assert state.is_failed() and f"shard {bad}" in state.message
+    with pytest.raises(ShardsFailedError, match=rf"shard {bad}: InjectedShardFailure"):
+        state.result()
+    assert not (out / "_SUCCESS").exists() and not (out / stats_name(bad)).exists()
+    others = [s for s in range(n_shards) if s != bad]
+    assert all((out / stats_name(s)).is_file() for s in others)
+    before = snapshot(out)
+
+    # Rerun through the CLI: only the failed shard is mined; the others' files are untouched
+    argv = ["--manifest", params["manifest"], "--out", str(out), "--clip-model", params["clip_model"]]
+    assert main([*argv, "--shard-size", str(SHARD_SIZE)]) == 0
+    assert f"{n_shards}/{n_shards} shards (1 mined now)" in capsys.readouterr().out
+    after = snapshot(out)
+    for s in others:
+        for name in (pairs_name(s), status_name(s), stats_name(s)):
+            assert after[name] == before[name], f"{name} was rewritten by the resume"
+    assert {pairs_name(bad), status_name(bad), stats_name(bad), "_SUCCESS"} <= set(after) - set(before)
+    assert json.loads((out / stats_name(bad)).read_text())["worker"]["attempt"] == 1
+    # Same content as the uninterrupted run (the stats files hold timings, the parquet files do not)
+    assert parquet_hashes(out) == parquet_hashes(ref_out)
+    assert verify_run(out) == []
+
+
+def test_rerun_of_a_finished_run_adds_and_changes_nothing(reference, params):
+    out, _ = reference
+    before = snapshot(out)
+    summary = mine_rsm(out=str(out), **params)
+    assert summary["shards_mined_now"] == 0 and summary["finalized"]
+    assert snapshot(out) == before
+
+
+def test_changed_config_is_refused_with_a_clear_message(reference, params, capsys):
+    out, _ = reference
+    before = snapshot(out)
+    with pytest.raises(RunConflictError, match=r"CONFIG changed \(keys \['crop_mode'\]\)"):
+        mine_rsm(out=str(out), **params, crop_mode="mask")
+    argv = ["--manifest", params["manifest"], "--out", str(out), "--clip-model", params["clip_model"]]
+    rc = main([*argv, "--shard-size", str(SHARD_SIZE), "--match-mode", "clip", "--no-prefect"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "match.mode" in err and "new --out folder" in err
+    assert snapshot(out) == before
+
+
+def test_cli_requires_a_clip_model(params, tmp_path, capsys):
+    rc = main(["--manifest", params["manifest"], "--out", str(tmp_path / "o"), "--no-prefect"])
+    assert rc == 2 and "--clip-model" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_pool_size_follows_pending_shards_resources_and_cap():
+    cpu_only = {"CPU": 16.0}
+    assert plan_pool(3, cpu_only).n_workers == 3
+    assert plan_pool(40, cpu_only).n_workers == 16
+    assert plan_pool(40, cpu_only, max_workers=4).n_workers == 4
+    gpus = plan_pool(40, {"CPU": 16.0, "GPU": 2.0})
+    assert (gpus.n_workers, gpus.gpus_per_worker) == (2, 1.0)
+    half = plan_pool(40, {"CPU": 16.0, "GPU": 2.0}, gpus_per_worker=0.5)
+    assert (half.n_workers, half.gpus_per_worker) == (4, 0.5)
+    assert plan_pool(5, {"CPU": 0.5}).n_workers == 1  # never zero workers
+    with pytest.raises(ValueError, match="max_workers"):
+        plan_pool(5, cpu_only, max_workers=0)
+
+
+def test_pool_replaces_a_dead_actor_and_remines_its_shard(ray_local, params):
+    plan = plan_shards(params["manifest"], SHARD_SIZE, {"test": "pool"})
+    config = {"clip_model": params["clip_model"], "images_per_batch": 4}
+    accepted = []
+    with ShardPool(config, PoolPlan(1, 1.0, 0.0, "test")) as pool:
+        first_pid = pool.start_infos()[0]["pid"]
+        events = list(
+            pool.run(
+                [0, 1, 2],
+                rows_for=lambda sid: load_shard_rows(plan, sid),
+                root=plan.manifest_root,
+                accept=accepted.append,
+                max_retries=1,
+                inject={1: "crash-once"},
+            )
+        )
+    done = {e.shard_id: e for e in events if e.kind == "done"}
+    retries = [e for e in events if e.kind == "retry"]
+    assert sorted(done) == [0, 1, 2] and not [e for e in events if e.kind == "failed"]
+    assert 1 in {e.shard_id for e in retries} and all("worker died" in e.error for e in retries)
+    assert done[1].attempt == 2 and done[1].output.worker["pid"] != first_pid
+    assert sorted(o.shard_id for o in accepted) == [0, 1, 2]
+    for sid, event in done.items():  # every row of the shard is accounted for
+        assert event.output.status.num_rows == plan.shard(sid).n_rows

@@ -1,0 +1,138 @@
+"""The one trainer: losses, exact resume, the bootstrap CLI and the ROGLE CLI on tiny data (CPU smoke)."""
+
+import json
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from miners.bootstrap_clip import main as bootstrap_main
+from miners.clip_scorer import load_clip
+from miners.train_data import build_clip_data
+from miners.train_rogle import main as rogle_main
+from miners.train_rogle import shuffle_sentences
+from miners.trainer import Trainer, TrainConfig, identity_aware_loss, local_alignment_loss
+from storage.reader import read_pairs
+
+
+def test_identity_aware_loss_treats_same_person_as_positive():
+    e = torch.nn.functional.normalize(torch.eye(3), dim=1)
+    pids = torch.tensor([1, 1, 2])
+    # Images 0 and 1 show the same person: text 0 matching image 1 is not penalised like a stranger.
+    swapped = e[[1, 0, 2]]
+    same = identity_aware_loss(e, swapped, pids, 20.0)
+    wrong = identity_aware_loss(e, e[[2, 1, 0]], pids, 20.0)
+    assert same < wrong
+
+
+def test_local_loss_is_the_reliability_weighted_mean_of_pair_losses():
+    s = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), dim=1)
+    r = torch.nn.functional.normalize(torch.tensor([[1.0, 0.1], [1.0, 0.0], [1.0, 0.1]]), dim=1)
+    keys = torch.tensor([0, 1, 0])  # pairs 0 and 2 point at the same region: positives of each other
+
+    def loss(w):
+        return local_alignment_loss(s, r, keys, torch.tensor(w), 0.1)
+
+    per_pair = [loss([1.0, 0.0, 0.0]), loss([0.0, 1.0, 0.0]), loss([0.0, 0.0, 1.0])]
+    w = [0.9, 0.2, 0.5]
+    expected = sum(wi * li for wi, li in zip(w, per_pair, strict=True)) / sum(w)
+    torch.testing.assert_close(loss(w), expected)
+    # Pair 1 (sentence [0, 1] on a region like [1, 0]) is the wrong one: down-weighting it lowers the loss.
+    assert per_pair[1] > per_pair[0] and loss([1.0, 0.05, 1.0]) < loss([1.0, 1.0, 1.0])
+    # Pair 0's positives include region 2 (same key): probability mass on either counts.
+    logits = s[0] @ r.T / 0.1
+    torch.testing.assert_close(per_pair[0], -torch.logsumexp(logits[[0, 2]], 0) + torch.logsumexp(logits, 0))
+
+
+def _train_data(tiny_dataset, processor):
+    table = pq.read_table(tiny_dataset / "manifest.parquet")
+    return build_clip_data(table.filter(pc.equal(table["split"], "train")), processor)
+
+
+def test_resume_continues_exactly(tiny_dataset, tiny_clip_dir, tmp_path):
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, text_mode="truncate")
+    model_a, proc = load_clip(tiny_clip_dir, "cpu")
+    data = _train_data(tiny_dataset, proc)
+    Trainer(model_a, proc, cfg, tmp_path / "straight").fit(data)
+
+    model_b, _ = load_clip(tiny_clip_dir, "cpu")
+    Trainer(model_b, proc, cfg, tmp_path / "resumed").fit(data, stop_after=1)  # "preempted" after epoch 1
+    model_c, _ = load_clip(tmp_path / "resumed" / "checkpoint", "cpu")
+    Trainer(model_c, proc, cfg, tmp_path / "resumed").fit(data, resume=True)
+    for (name, a), (_, c) in zip(model_a.state_dict().items(), model_c.state_dict().items(), strict=True):
+        torch.testing.assert_close(a, c, msg=lambda m, name=name: f"{name} differs after resume: {m}")
+    history = (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()
+    assert [json.loads(h)["epoch"] for h in history] == [1, 2]
+
+
+def test_bootstrap_cli_writes_a_loadable_model_and_reuses_it(tiny_dataset, tmp_path, capsys):
+    out = tmp_path / "clip"
+    args = [
+        "--manifest",
+        str(tiny_dataset / "manifest.parquet"),
+        "--out",
+        str(out),
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+    ]
+    assert bootstrap_main(args) == 0
+    report = json.loads((out / "bootstrap.json").read_text())
+    for key in ("R1", "R5", "R10", "mAP", "mINP", "long_query"):
+        assert key in report["metrics"]
+    assert report["train_seconds"] > 0 and (out / "training" / "curves.png").is_file()
+    model, processor = load_clip(out, "cpu")  # the exact path a real checkpoint takes
+    assert model.config.projection_dim == 128
+    capsys.readouterr()
+    assert bootstrap_main(args) == 0
+    assert "reusing" in capsys.readouterr().out
+    assert bootstrap_main(["--manifest", str(tmp_path / "missing.parquet"), "--out", str(out)]) == 2
+
+
+def test_shuffle_sentences_corrupts_the_requested_fraction(tiny_run):
+    pairs = read_pairs(tiny_run)
+    shuffled, corrupt = shuffle_sentences(pairs, 0.25, seed=3)
+    assert abs(corrupt.mean() - 0.25) <= 1.5 / pairs.num_rows
+    before, after = pairs["sentence"].to_pylist(), shuffled["sentence"].to_pylist()
+    assert all((b != a) == c or b == a for b, a, c in zip(before, after, corrupt, strict=True))
+    assert sum(b != a for b, a in zip(before, after, strict=True)) >= 0.8 * corrupt.sum()
+
+
+@pytest.mark.parametrize("flags", [[], ["--no-local"], ["--no-reliability"]])
+def test_train_rogle_cli_smoke(tiny_run, tmp_path, flags, capsys):
+    out = tmp_path / "run"
+    rc = rogle_main(
+        [
+            "--pairs",
+            str(tiny_run),
+            "--out",
+            str(out),
+            "--epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--reliability-threshold",
+            "0.0",
+            *flags,
+        ]
+    )
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("R1", "R5", "R10", "mAP", "mINP", "local_grounding_acc", "long_query"):
+        assert key in metrics
+    assert 0 <= metrics["R1"] <= 100 and metrics["local_sentences"] > 0
+    assert (out / "curves.png").is_file() and (out / "checkpoint" / "trainer_state.pt").is_file()
+    args = json.loads((out / "run_args.json").read_text())
+    assert (args["local_pairs"] == 0) == ("--no-local" in flags)
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert ("loss_local" in history[0]) == ("--no-local" not in flags)
+    assert "R1" in capsys.readouterr().out
+
+
+def test_train_rogle_clear_error_without_a_run(tmp_path, capsys):
+    assert rogle_main(["--pairs", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "cannot read committed pairs" in capsys.readouterr().out
+    assert np.isfinite(0.0)

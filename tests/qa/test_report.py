@@ -1,0 +1,267 @@
+"""qa.report end to end: known noise on a hand-built run with ground truth, the CLI on a mined tiny run,
+a self-contained HTML page, and the injected-noise estimator check."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from miners.ground_truth import judge_pairs, pair_quality
+from qa.report import build_report, main, summary_markdown
+from storage.reader import read_pairs
+from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA, with_version
+from storage.shards import begin_run, commit_shard, finalize_run, plan_shards
+
+CAPTION = "Red hat on top. Blue shirt worn. Black pants below. Walks fast."
+PHRASES = [("Red hat", 0), ("Blue shirt", 1), ("Black pants", 2)]
+REGIONS = [
+    {"id": 0, "label": "head", "bbox": [8.0, 0.0, 24.0, 16.0]},
+    {"id": 1, "label": "upper", "bbox": [4.0, 16.0, 28.0, 40.0]},
+    {"id": 2, "label": "lower", "bbox": [4.0, 40.0, 28.0, 64.0]},
+]
+# Per image: (region id the unit was matched to, reliability) for the 4 units; correct iff the unit's
+# phrase links that region (unit 3 is ungroundable, so always wrong)
+PLAN = {
+    "a": [(0, 0.92), (2, 0.71), (2, 0.42), (1, 0.22)],  # correct, wrong, correct, wrong
+    "b": [(0, 0.83), (1, 0.64), (0, 0.56), (1, 0.12)],  # correct, correct, wrong, wrong
+}
+CORRECT = {"a": [True, False, True, False], "b": [True, True, False, False]}
+CONFIG = {"rsm": {"clip_model": "models/none", "proposer": "prior", "match": {"keep_threshold": 0.5}}}
+
+
+def _units() -> list[tuple[int, int]]:
+    spans, start = [], 0
+    for sentence in CAPTION.split(". "):
+        text = sentence if sentence.endswith(".") else sentence + "."
+        spans.append((start, start + len(text)))
+        start += len(text) + 1
+    return spans
+
+
+def make_known_run(tmp_path: Path) -> tuple[Path, Path]:
+    root = tmp_path / "data"
+    links = []
+    for (s, e), (phrase, rid) in zip(_units(), [*PHRASES, (None, None)], strict=True):
+        p0 = CAPTION.find(phrase) if phrase else None
+        entry = {"span": [s, e], "region_ids": [rid] if phrase else [], "phrases": []}
+        if phrase:
+            entry["phrases"] = [{"span": [p0, p0 + len(phrase)], "region_id": rid}]
+        links.append(entry)
+    rows = []
+    for k, name in enumerate(PLAN):
+        path = f"imgs/{name}.png"
+        (root / "imgs").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((64, 32, 3), 60 + 80 * k, np.uint8)).save(root / path)
+        rows.append(
+            {
+                "sample_id": f"{path}#0",
+                "image_id": path,
+                "person_id": k + 1,
+                "split": ["train", "test"][k],
+                "image_path": path,
+                "caption_index": 0,
+                "caption": CAPTION,
+                "gt_regions": json.dumps(REGIONS),
+                "gt_links": json.dumps(links),
+            }
+        )
+    manifest = root / "manifest.parquet"
+    pq.write_table(
+        pa.Table.from_pylist(rows, schema=with_version("manifest", {"rsm.root": str(root)})), manifest
+    )
+
+    out = tmp_path / "run"
+    plan = plan_shards(manifest, 1, CONFIG)
+    begin_run(out, plan)
+    for spec in plan.shards:
+        (sample,) = plan.rows_for(spec.shard_id).to_pylist()
+        name = Path(sample["image_path"]).stem
+        pairs = []
+        for u, ((s, e), (rid, rel)) in enumerate(zip(_units(), PLAN[name], strict=True)):
+            pairs.append(
+                {
+                    **{
+                        k: sample[k] for k in ("sample_id", "image_id", "person_id", "split", "caption_index")
+                    },
+                    "sentence_index": u,
+                    "sentence": CAPTION[s:e],
+                    "char_start": s,
+                    "char_end": e,
+                    "part_tags": [REGIONS[u]["label"]] if u < 3 else [],
+                    "region_id": rid,
+                    "region_source": "prior",
+                    "region_label": REGIONS[rid]["label"],
+                    "bbox_xyxy": REGIONS[rid]["bbox"],
+                    "mask_rle": None,
+                    "region_quality": 1.0,
+                    "clip_cosine": rel / 2,
+                    "softmax_prob": rel,
+                    "margin": 0.1,
+                    "mutual_best": True,
+                    "part_agreement": 1.0,
+                    "reliability": rel,
+                    "kept": rel >= 0.5,
+                    "clip_fingerprint": "clip-0",
+                    "config_fingerprint": "cfg-0",
+                }
+            )
+        status = {
+            "sample_id": sample["sample_id"],
+            "image_id": sample["image_id"],
+            "status": "ok",
+            "error_message": None,
+            "n_regions": 3,
+            "n_sentences": 4,
+            "n_pairs": 4,
+            "n_kept": sum(p["kept"] for p in pairs),
+        }
+        commit_shard(
+            out,
+            plan,
+            spec.shard_id,
+            pa.Table.from_pylist(pairs, schema=PAIRS_SCHEMA),
+            pa.Table.from_pylist([status], schema=STATUS_SCHEMA),
+        )
+    finalize_run(out, plan)
+    return out, manifest
+
+
+def test_known_noise_figures_equal_hand_values(tmp_path):
+    out, _ = make_known_run(tmp_path)
+    qa = build_report(out, tmp_path / "qa", sheet_samples=4, seed=1)
+    rel = np.array([r for name in PLAN for _, r in PLAN[name]], dtype=np.float32).astype(np.float64)
+    correct = np.array([c for name in PLAN for c in CORRECT[name]])
+    kept = rel >= 0.5
+    assert qa["pairs_total"] == 8 and qa["pairs_kept"] == 5
+    assert qa["ground_truth"] is True and qa["pairs_judged"] == 8 and qa["groundable_units"] == 6
+    # Hand values: kept = a0 a1 b0 b1 b2, of which a0 b0 b1 correct
+    assert qa["precision_kept"] == pytest.approx(3 / 5)
+    assert qa["noise_rate_true"] == pytest.approx(2 / 5)
+    assert qa["coverage"] == pytest.approx(3 / 6)
+    assert qa["ece"] == pytest.approx(np.abs(rel - correct).mean(), abs=1e-6)  # one pair per 0.1 bin
+    assert qa["noise_rate_estimated"] == pytest.approx((1 - rel[kept]).mean(), abs=1e-6)
+    assert qa["estimate_error"] == pytest.approx(abs((1 - rel[kept]).mean() - 0.4), abs=1e-6)
+    assert 0.0 <= qa["noise_rate_mixture"] <= 1.0
+    curve = {c["threshold"]: c for c in qa["curve"]}
+    assert curve[0.0]["precision"] == pytest.approx(4 / 8) and curve[0.0]["coverage"] == pytest.approx(4 / 6)
+    # Breakdowns: true noise per region label of kept pairs (head 3 kept / 2 right, lower 1/0, upper 1/1)
+    by_label = {r["key"]: r for r in qa["breakdowns"]["region_label"]}
+    assert by_label["head"]["noise_rate_true"] == pytest.approx(1 / 3)
+    assert by_label["lower"]["noise_rate_true"] == pytest.approx(1.0)
+    assert by_label["upper"]["noise_rate_true"] == pytest.approx(0.0)
+    by_split = {r["key"]: r for r in qa["breakdowns"]["split"]}
+    assert by_split["train"]["noise_rate_estimated"] == pytest.approx((0.08 + 0.29) / 2, abs=1e-6)
+    assert by_split["test"]["kept"] == 3 and by_split["test"]["noise_rate_true"] == pytest.approx(1 / 3)
+    assert {r["key"] for r in qa["breakdowns"]["shard"]} == {"00000", "00001"}
+    assert set(qa["checks"].values()) == {"pass"}
+    # Sheets: bands hold 2 (>= 0.8), 4 ([0.3, 0.8)), 2 (< 0.3) pairs, all shown, judged
+    assert {b: (s["in_band"], s["shown"]) for b, s in qa["sheets"].items()} == {
+        "high": (2, 2),
+        "mid": (4, 4),
+        "low": (2, 2),
+    }
+    # The summary the flow publishes carries the same figures
+    md = summary_markdown(qa)
+    assert "0.4000" in md and "status_accounting" in md
+
+
+def test_cli_on_a_mined_run_writes_every_output(mined_run, tmp_path):
+    out_dir = tmp_path / "qa"
+    rc = main(["--pairs", str(mined_run), "--out", str(out_dir), "--sheet-samples", "6", "--seed", "3"])
+    assert rc == 0
+    pngs = {
+        "scores.png",
+        "noise_by_part.png",
+        "precision_coverage.png",
+        "reliability_diagram.png",
+        "sheet_high.png",
+        "sheet_mid.png",
+        "sheet_low.png",
+    }
+    assert {p.name for p in out_dir.iterdir()} >= pngs | {"qa.json", "report.md", "report.html"}
+    for name in pngs:
+        with Image.open(out_dir / name) as img:
+            assert img.format == "PNG" and img.width > 100
+    qa = json.loads((out_dir / "qa.json").read_text())
+    for key in (
+        "pairs_total",
+        "pairs_kept",
+        "noise_rate_estimated",
+        "noise_rate_mixture",
+        "checks",
+        "breakdowns",
+    ):
+        assert key in qa
+    assert qa["injection"] is None
+
+    # Streaming per-shard judging equals judging the whole table at once
+    pairs = read_pairs(mined_run)
+    manifest = pq.read_table(qa["run"]["manifest_path"])
+    _, groundable, correct = judge_pairs(pairs, manifest)
+    quality = pair_quality(pairs["kept"].to_numpy(), groundable, correct)
+    assert qa["pairs_total"] == pairs.num_rows
+    assert qa["precision_kept"] == pytest.approx(quality["precision_kept"])
+    assert qa["coverage"] == pytest.approx(quality["coverage"])
+    assert qa["noise_rate_true"] == pytest.approx(1 - quality["precision_kept"])
+
+    # report.html is self-contained: every PNG inline, nothing fetched
+    page = (out_dir / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page
+    assert not re.search(r"""src=["'](?!data:)""", page) and 'src="file' not in page
+    assert page.count("data:image/png;base64,") == len(pngs)
+    md = (out_dir / "report.md").read_text()
+    assert all(name in md for name in pngs)
+
+
+def test_report_refuses_bad_inputs(mined_run, tmp_path):
+    assert main(["--pairs", str(tmp_path / "nope"), "--out", str(tmp_path / "qa")]) == 2
+    with pytest.raises(ValueError, match="inside the run folder"):
+        build_report(mined_run, mined_run / "qa")
+
+
+def test_injected_noise_is_reported_at_the_requested_rate(mined_run, tiny_clip_dir, tmp_path):
+    fraction = 0.25
+    qa = build_report(
+        mined_run,
+        tmp_path / "qa",
+        sheet_samples=0,
+        inject_noise=fraction,
+        clip_model=str(tiny_clip_dir),
+        inject_max_samples=12,
+        seed=7,
+    )
+    inj = qa["injection"]
+    assert inj["captions"] == 12 and inj["lost"] <= 1
+    assert abs(inj["injected"] - fraction * inj["units"]) <= 1
+    assert inj["injected_rate"] == pytest.approx(fraction, abs=1 / inj["units"])
+    assert 0.0 <= inj["auroc_clean_vs_injected"] <= 1.0
+    assert 0.0 <= inj["injected_kept_fraction"] <= 1.0
+    assert inj["recovered_rate"] == pytest.approx(inj["estimated_noise_mixed"] - inj["estimated_noise_clean"])
+    assert "true_noise_rise" in inj
+    assert "injected rate" in (tmp_path / "qa" / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def mined_run(tiny_dataset, tiny_clip_dir, tmp_path_factory) -> Path:
+    """The tiny dataset mined through RSMMiner into a committed, finalized run (3 shards)."""
+    from miners.rsm import RSMConfig, RSMMiner
+
+    cfg = RSMConfig(clip_model=str(tiny_clip_dir))
+    manifest = tiny_dataset / "manifest.parquet"
+    out = tmp_path_factory.mktemp("mined") / "run"
+    plan = plan_shards(manifest, 12, {"rsm": dataclasses.asdict(cfg)})
+    begin_run(out, plan)
+    miner = RSMMiner(cfg)
+    for spec in plan.shards:
+        result = miner.mine(plan.rows_for(spec.shard_id), plan.manifest_root)
+        commit_shard(out, plan, spec.shard_id, result.pairs, result.status)
+    finalize_run(out, plan)
+    return out
