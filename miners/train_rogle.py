@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from miners.clip_scorer import load_clip
 from miners.train_data import build_clip_data
-from miners.trainer import Trainer, TrainConfig
+from miners.trainer import TrainConfig, Trainer
 from storage.manifest import read_manifest
 from storage.reader import read_pairs
 from storage.shards import load_run_plan
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = load_run_plan(args.pairs)
         pairs = read_pairs(args.pairs)
-    except Exception as exc:  # noqa: BLE001 — any unreadable run is a user-facing error
+    except Exception as exc:
         print(f"error: cannot read committed pairs from {args.pairs}: {exc}")
         return 2
     manifest_path = args.manifest or Path(plan.manifest_path)

@@ -13,7 +13,7 @@ from miners.clip_scorer import load_clip
 from miners.train_data import build_clip_data
 from miners.train_rogle import main as rogle_main
 from miners.train_rogle import shuffle_sentences
-from miners.trainer import Trainer, TrainConfig, identity_aware_loss, local_alignment_loss
+from miners.trainer import TrainConfig, Trainer, identity_aware_loss, local_alignment_loss
 from storage.reader import read_pairs
 
 
