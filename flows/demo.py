@@ -16,7 +16,7 @@ import json
 import time
 from pathlib import Path
 
-STEPS = ("synth", "manifest", "bootstrap", "calibrate", "mine", "qa", "train")
+from flows.env import apply_offline_defaults
 
 
 def _synth(root: Path, identities: int, images_per_id: int, seed: int) -> None:
@@ -64,6 +64,7 @@ def _calibrate(calib_manifest: Path, clip_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_offline_defaults()
     ap = argparse.ArgumentParser(prog="python -m flows.demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("outputs/demo"))
     ap.add_argument("--identities", type=int, default=480)
@@ -117,16 +118,22 @@ def main(argv: list[str] | None = None) -> int:
     step("mine")
     from flows.mine_rsm import main as mine_main
 
-    if mine_main(["--manifest", str(manifest), "--out", str(shards), "--clip-model", str(clip_dir)]):
+    # The flow writes the QA report too (and publishes its summary as Prefect artifacts).
+    rc = mine_main(
+        [
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(shards),
+            "--clip-model",
+            str(clip_dir),
+            "--qa-out",
+            str(qa_dir),
+        ]
+    )
+    if rc:
         raise SystemExit("mining failed; rerun `make demo` to resume the unfinished shards")
     done("mine")
-
-    step("qa")
-    from qa.report import main as qa_main
-
-    if qa_main(["--pairs", str(shards), "--out", str(qa_dir), "--manifest", str(manifest)]):
-        raise SystemExit("QA report failed")
-    done("qa")
 
     step("train")
     from miners.train_rogle import main as train_main

@@ -36,11 +36,14 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE as NO_CACHE
 
+from flows.env import apply_offline_defaults
 from flows.ray_workers import ShardEvent, ShardOutput, ShardPool, WorkerStartError, connect_ray, plan_pool
 from miners.clip_scorer import CROP_MODES, model_fingerprint
 from miners.matching import MATCH_MODES, MatchConfig
 from miners.regions import PROPOSER_NAMES
 from miners.rsm import RSMConfig
+from qa.render import summary_markdown as qa_summary_markdown
+from qa.report import build_report
 from storage.shards import (
     SORT_KEYS,
     RunConflictError,
@@ -52,7 +55,7 @@ from storage.shards import (
     finalize_run,
     load_shard_rows,
     plan_shards,
-    read_manifest,
+    read_manifest_table,
 )
 
 CLIP_MODEL_HINT = (
@@ -203,7 +206,7 @@ def mine_pending(
         pool_plan = plan_pool(len(pending), ray.cluster_resources(), opts.max_workers, opts.gpus_per_worker)
         report.pool_reason = f"{pool_plan.n_workers} worker(s): {pool_plan.reason}"
         # Read and sort once; load_shard_rows slices (and checks) each shard's rows out of it
-        manifest = read_manifest(plan.manifest_path)
+        manifest = read_manifest_table(plan.manifest_path)
         manifest = manifest.take(pc.sort_indices(manifest, sort_keys=SORT_KEYS))
         progress = Progress(n_done=len(plan.shards) - len(pending), n_total=len(plan.shards))
         worker_config = asdict(opts.config)
@@ -489,16 +492,47 @@ def mine_rsm(
     sam_model_type: str = "vit_b",
     progress_bar: bool = False,
     fail_shards: list[int] | None = None,
+    qa_out: str | None = None,
 ) -> dict[str, Any]:
-    """Mine MANIFEST into the shard folder OUT (resuming it). `fail_shards` is a TEST HOOK: the listed
-    shard ids raise in their workers on every attempt, to drill retries, partial failure and resume."""
+    """Mine MANIFEST into the shard folder OUT (resuming it), then, with `qa_out`, write the QA report
+    there and publish its summary as artifacts. `fail_shards` is a TEST HOOK: the listed shard ids
+    raise in their workers on every attempt, to drill retries, partial failure and resume."""
     params = dict(locals())
     params.pop("progress_bar")
+    params.pop("qa_out")
     opts = build_options(**params)
     reporters: list[Reporter] = [LogReporter(get_run_logger()), ArtifactReporter()]
     if progress_bar:
         reporters.append(TqdmReporter())
-    return run_mining(opts, reporters, stage=_as_task)
+    summary = run_mining(opts, reporters, stage=_as_task)
+    if qa_out:
+        qa = _as_task("qa-report", build_report, out, qa_out, manifest)
+        publish_qa_artifacts(qa)
+        summary["qa"] = qa_headline(qa)
+    return summary
+
+
+def qa_headline(qa: dict[str, Any]) -> dict[str, Any]:
+    """The QA figures worth a table row (qa.json holds everything)."""
+    keys = (
+        "pairs_total",
+        "pairs_kept",
+        "noise_rate_estimated",
+        "noise_rate_mixture",
+        "noise_rate_true",
+        "precision_kept",
+        "coverage",
+        "ece",
+    )
+    return {k: qa.get(k) for k in keys}
+
+
+def publish_qa_artifacts(qa: dict[str, Any]) -> None:
+    create_markdown_artifact(
+        qa_summary_markdown(qa), key="rsm-qa-summary", description="QA: noisy pair rates"
+    )
+    rows = [{"figure": k, "value": v} for k, v in qa_headline(qa).items() if v is not None]
+    create_table_artifact(rows, key="rsm-qa-figures", description="QA headline figures")
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -521,6 +555,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images-per-batch", type=int, default=32)
     p.add_argument("--max-retries", type=int, default=2, help="retries per shard (default 2)")
     p.add_argument("--no-prefect", action="store_true", help="run the same pipeline without Prefect")
+    p.add_argument("--qa-out", help="also write the QA report (python -m qa.report) into this folder")
     p.add_argument(
         "--fail-shard", type=int, action="append", dest="fail_shards", help="TEST HOOK: make this shard fail"
     )
@@ -528,16 +563,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    apply_offline_defaults()
     args = parse_args(argv)
     params = vars(args)
     no_prefect = params.pop("no_prefect")
+    qa_out = params.pop("qa_out")
     try:
         opts = build_options(**params)  # fail fast, before a Prefect API or Ray starts
         if no_prefect:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
             summary = run_mining(opts, [LogReporter(logging.getLogger("mine-rsm")), TqdmReporter()])
+            if qa_out:
+                summary["qa"] = qa_headline(build_report(opts.out, qa_out, args.manifest))
         else:
-            summary = mine_rsm(**params, progress_bar=True)
+            summary = mine_rsm(**params, progress_bar=True, qa_out=qa_out)
     except ShardsFailedError as exc:  # rc 1: a rerun resumes (and may succeed)
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -550,6 +589,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['ok_rows']} ok + {summary['rejected_rows']} rejected rows, {summary['pairs']} pairs "
         f"({summary['kept_pairs']} kept), {summary['images_per_s']} images/s, {summary['wall_s']}s"
     )
+    if "qa" in summary:
+        print(
+            f"QA report in {qa_out}: "
+            + ", ".join(f"{k}={v}" for k, v in summary["qa"].items() if v is not None)
+        )
     return 0
 
 

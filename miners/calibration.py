@@ -20,13 +20,18 @@ from pathlib import Path
 import numpy as np
 
 from miners.matching import UnitMatches
+from storage.schemas import BODY_PARTS
 
 CALIBRATOR_VERSION = 1
 CALIBRATOR_FILENAME = "rsm-calibrator.json"
 
+# One indicator per body-part label of the chosen region: how reliable a part's regions are differs by
+# part (a prior zone holds a head far more often than a bag), which a single quality number cannot say.
+LABEL_FEATURES = tuple(f"label_{part}" for part in BODY_PARTS)
+
 FEATURES_BY_MODE = {
     "clip": ("clip_cosine", "softmax_prob", "margin", "mutual_best"),
-    "lexical": ("agree", "contradict", "no_part_words", "region_quality"),
+    "lexical": ("agree", "contradict", "no_part_words", "region_quality", *LABEL_FEATURES),
     "combined": (
         "clip_cosine",
         "softmax_prob",
@@ -36,6 +41,7 @@ FEATURES_BY_MODE = {
         "contradict",
         "no_part_words",
         "region_quality",
+        *LABEL_FEATURES,
     ),
 }
 
@@ -51,6 +57,8 @@ def feature_matrix(m: UnitMatches, names: tuple[str, ...]) -> np.ndarray:
         "no_part_words": (~m.has_part_words).astype(np.float32),
         "region_quality": m.region_quality,
     }
+    for part in BODY_PARTS:
+        cols[f"label_{part}"] = np.array([label == part for label in m.region_label], dtype=np.float32)
     return np.stack([np.asarray(cols[n], dtype=np.float64) for n in names], axis=1)
 
 
@@ -127,6 +135,7 @@ def default_calibrator(mode: str = "combined") -> Calibrator:
         "contradict": -3.0,
         "no_part_words": -1.5,
         "region_quality": 0.5,
+        **dict.fromkeys(LABEL_FEATURES, 0.0),
     }
     names = FEATURES_BY_MODE[mode]
     return Calibrator(

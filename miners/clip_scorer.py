@@ -34,10 +34,12 @@ class ScorerConfig:
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
-    """Short content hash of a from_pretrained folder's config and weights."""
+    """Short content hash of a from_pretrained folder's config, weights, tokenizer and processor — not
+    of what this project writes beside them (the calibrator, the bootstrap report)."""
+    ours = {"bootstrap.json", "rsm-calibrator.json"}
     h = hashlib.sha256()
     for name in sorted(p.name for p in Path(model_dir).iterdir()):
-        if name.endswith((".json", ".safetensors", ".bin")) and name != "bootstrap.json":
+        if name.endswith((".json", ".safetensors", ".bin", ".txt")) and name not in ours:
             h.update(name.encode())
             h.update((Path(model_dir) / name).read_bytes())
     return h.hexdigest()[:16]

@@ -6,7 +6,7 @@ features the reliability calibrator reads:
 - `clip_cosine`; `softmax_prob` over the image's regions at a low temperature; `margin` to the
   runner-up region; `mutual_best` (the region also prefers this unit over the caption's other units);
 - `part_agreement` (1 the region's label is among the unit's part words, 0 it contradicts them,
-  0.5 unknown: no part words or an unlabelled region); `has_part_words`; `region_quality`.
+  0.5 unknown: no part words or an unlabelled region); `has_part_words`; `region_quality`; the region's label.
 Modes: `clip` picks by cosine, `lexical` by part agreement (quality breaks ties), `combined` by cosine
 plus a lexical bonus large enough that a region of the named part wins and CLIP chooses among those.
 """
@@ -40,6 +40,7 @@ class UnitMatches:
     part_agreement: np.ndarray
     has_part_words: np.ndarray  # S bool
     region_quality: np.ndarray
+    region_label: list[str | None]  # S: the chosen region's body-part label
 
 
 def part_agreement_matrix(unit_tags: list[tuple[str, ...]], region_labels: list[str | None]) -> np.ndarray:
@@ -100,4 +101,5 @@ def match_units(
         part_agreement=agree[rows, best],
         has_part_words=np.array([bool(t) for t in unit_tags], dtype=bool),
         region_quality=quality[best],
+        region_label=[region_labels[int(r)] for r in best] if n_regions else [None] * n_units,
     )

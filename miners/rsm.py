@@ -250,6 +250,7 @@ def matches_from_pairs(pairs: pa.Table) -> UnitMatches:
         part_agreement=np.asarray(cols["part_agreement"], dtype=np.float32),
         has_part_words=np.asarray([bool(t) for t in cols["part_tags"]], dtype=bool),
         region_quality=np.asarray(cols["region_quality"], dtype=np.float32),
+        region_label=list(cols["region_label"]),
     )
 
 

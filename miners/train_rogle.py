@@ -17,8 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 
 from miners.clip_scorer import load_clip
@@ -27,30 +25,6 @@ from miners.trainer import TrainConfig, Trainer
 from storage.manifest import read_manifest
 from storage.reader import read_pairs
 from storage.shards import load_run_plan
-
-
-def shuffle_sentences(pairs: pa.Table, fraction: float, seed: int) -> tuple[pa.Table, np.ndarray]:
-    """Noise injection for ablations: a `fraction` of pairs get a sentence from another person's
-    caption (their region stays), so their supervision is wrong by construction. Returns the table and
-    the boolean mask of corrupted rows."""
-    rng = np.random.default_rng(seed)
-    n = pairs.num_rows
-    corrupt = np.zeros(n, dtype=bool)
-    if n == 0 or fraction <= 0:
-        return pairs, corrupt
-    pids = pairs["person_id"].to_numpy()
-    chosen = rng.choice(n, size=int(round(fraction * n)), replace=False)
-    sentences = pairs["sentence"].to_pylist()
-    new = list(sentences)
-    for i in chosen:
-        for _ in range(20):  # find a donor of another identity
-            j = int(rng.integers(n))
-            if pids[j] != pids[i]:
-                new[i] = sentences[j]
-                corrupt[i] = True
-                break
-    idx = pairs.schema.get_field_index("sentence")
-    return pairs.set_column(idx, "sentence", pa.array(new, pa.string())), corrupt
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -94,9 +68,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     table, meta = read_manifest(manifest_path)
     pairs = pairs.filter(pc.equal(pairs["split"], "train"))
-    corrupted = np.zeros(pairs.num_rows, dtype=bool)
-    if args.inject_noise > 0:
-        pairs, corrupted = shuffle_sentences(pairs, args.inject_noise, args.seed)
 
     cfg = TrainConfig(
         epochs=args.epochs,
@@ -136,7 +107,6 @@ def main(argv: list[str] | None = None) -> int:
             | {
                 "manifest_resolved": str(manifest_path),
                 "init_resolved": str(init),
-                "injected_noise_pairs": int(corrupted.sum()),
                 "local_pairs": n_local,
             },
             indent=2,
@@ -144,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer = Trainer(model, processor, cfg, args.out)
     metrics = trainer.fit(train, test, resume=args.resume)
-    (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if metrics:
         lq = metrics.get("long_query", {})
         print(

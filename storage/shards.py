@@ -174,7 +174,7 @@ def sample_ids_digest(sample_ids: list[str]) -> str:
     return _sha256_text(json.dumps(sorted(sample_ids), ensure_ascii=False))
 
 
-def read_manifest(manifest_path: str | Path) -> pa.Table:
+def read_manifest_table(manifest_path: str | Path) -> pa.Table:
     """The manifest as MANIFEST_SCHEMA (file order), keeping its metadata (rsm.root, version)."""
     table = pq.read_table(manifest_path)
     check_version("manifest", table.schema, str(manifest_path))
@@ -212,7 +212,7 @@ def plan_shards(manifest_path: str | Path, shard_size: int, config: dict[str, An
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
     config_text = canonical_json(config, "config")
-    table = _sorted_manifest(read_manifest(manifest_path))
+    table = _sorted_manifest(read_manifest_table(manifest_path))
     sample_ids: list[str] = table.column("sample_id").to_pylist()
     if len(set(sample_ids)) != len(sample_ids):
         dup = next(sid for sid, n in Counter(sample_ids).items() if n > 1)
@@ -271,10 +271,10 @@ def plan_shards(manifest_path: str | Path, shard_size: int, config: dict[str, An
 def load_shard_rows(plan: RunPlan, shard_id: int, manifest: pa.Table | None = None) -> pa.Table:
     """The manifest rows of one shard (with the manifest's metadata, e.g. rsm.root).
 
-    Pass `manifest` (from `read_manifest`) to slice many shards out of one read.
+    Pass `manifest` (from `read_manifest_table`) to slice many shards out of one read.
     """
     spec = plan.shard(shard_id)
-    table = manifest if manifest is not None else read_manifest(plan.manifest_path)
+    table = manifest if manifest is not None else read_manifest_table(plan.manifest_path)
     rows = _sorted_manifest(table).slice(spec.row_start, spec.n_rows)
     ids = rows.column("sample_id").to_pylist()
     if len(ids) != spec.n_rows or sample_ids_digest(ids) != spec.sample_ids_sha256:

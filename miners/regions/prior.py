@@ -40,11 +40,17 @@ class ZoneSpec:
     confidence: float
 
 
+# Standing-body proportions: the head is about the top fifth of a pedestrian box with hair and hat,
+# shoes the bottom tenth; the lower zone starts below the hips and is narrowed to the legs so that it is
+# mostly trousers, not arms or bags. Checked against the ground truth of the demo's calibration set
+# (synthetic seed 1000, never the evaluation seed): the zone depicts its part for head 0.92, upper 0.88,
+# lower 0.88, feet 0.94 of 200 images (feet were 0.52 with the earlier 0.83–1.00 zone, which held
+# more trouser than shoe).
 DEFAULT_ZONES: tuple[ZoneSpec, ...] = (
     ZoneSpec("head", "head", 0.00, 0.20, 0.15, 0.85, 0.5),
     ZoneSpec("upper", "upper", 0.15, 0.52, 0.00, 1.00, 0.5),
-    ZoneSpec("lower", "lower", 0.48, 0.85, 0.00, 1.00, 0.5),
-    ZoneSpec("feet", "feet", 0.83, 1.00, 0.00, 1.00, 0.5),
+    ZoneSpec("lower", "lower", 0.55, 0.90, 0.15, 0.85, 0.5),
+    ZoneSpec("feet", "feet", 0.90, 1.00, 0.00, 1.00, 0.5),
     # Most pedestrians carry no bag, so a bag zone is less likely to hold what it names.
     ZoneSpec("bag-left", "bag", 0.25, 0.65, 0.00, 0.35, 0.3),
     ZoneSpec("bag-right", "bag", 0.25, 0.65, 0.65, 1.00, 0.3),

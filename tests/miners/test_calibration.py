@@ -20,6 +20,7 @@ def _matches(n, rng):
         part_agreement=np.where(no_words, 0.5, np.where(agree, 1.0, 0.0)).astype(np.float32),
         has_part_words=~no_words,
         region_quality=np.full(n, 0.8, dtype=np.float32),
+        region_label=[["head", "upper", "bag", None][k % 4] for k in range(n)],
     )
 
 

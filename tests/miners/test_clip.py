@@ -85,3 +85,18 @@ def test_box_patch_weights_select_patches_inside():
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a CLIP model folder"):
         load_clip(tmp_path / "nope")
+
+
+def test_fingerprint_ignores_what_we_write_beside_the_model(tiny_clip_dir, tmp_path):
+    import shutil
+
+    from miners.clip_scorer import model_fingerprint
+
+    copy = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, copy)
+    before = model_fingerprint(copy)
+    (copy / "rsm-calibrator.json").write_text("{}")
+    (copy / "bootstrap.json").write_text("{}")
+    assert model_fingerprint(copy) == before
+    (copy / "config.json").write_text((copy / "config.json").read_text().replace("}", ' , "x": 1}', 1))
+    assert model_fingerprint(copy) != before

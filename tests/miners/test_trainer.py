@@ -12,9 +12,7 @@ from miners.bootstrap_clip import main as bootstrap_main
 from miners.clip_scorer import load_clip
 from miners.train_data import build_clip_data
 from miners.train_rogle import main as rogle_main
-from miners.train_rogle import shuffle_sentences
 from miners.trainer import TrainConfig, Trainer, identity_aware_loss, local_alignment_loss
-from storage.reader import read_pairs
 
 
 def test_identity_aware_loss_treats_same_person_as_positive():
@@ -90,15 +88,6 @@ def test_bootstrap_cli_writes_a_loadable_model_and_reuses_it(tiny_dataset, tmp_p
     assert bootstrap_main(args) == 0
     assert "reusing" in capsys.readouterr().out
     assert bootstrap_main(["--manifest", str(tmp_path / "missing.parquet"), "--out", str(out)]) == 2
-
-
-def test_shuffle_sentences_corrupts_the_requested_fraction(tiny_run):
-    pairs = read_pairs(tiny_run)
-    shuffled, corrupt = shuffle_sentences(pairs, 0.25, seed=3)
-    assert abs(corrupt.mean() - 0.25) <= 1.5 / pairs.num_rows
-    before, after = pairs["sentence"].to_pylist(), shuffled["sentence"].to_pylist()
-    assert all((b != a) == c or b == a for b, a, c in zip(before, after, corrupt, strict=True))
-    assert sum(b != a for b, a in zip(before, after, strict=True)) >= 0.8 * corrupt.sum()
 
 
 @pytest.mark.parametrize("flags", [[], ["--no-local"], ["--no-reliability"]])
