@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         calibrator, _ = fit_on_manifest(args.calib_manifest, cfg, None, None)
         fit_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        result = RSMMiner(cfg).with_calibrator(calibrator).mine(table, meta["root"])
+        result = RSMMiner(cfg, calibrator=calibrator).mine(table, meta["root"])
         mine_s = time.perf_counter() - t0
         _, groundable, correct = judge_pairs(result.pairs, table)
         reliability = calibrator.predict(matches_from_pairs(result.pairs))

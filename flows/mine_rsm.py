@@ -41,7 +41,7 @@ from flows.ray_workers import ShardEvent, ShardOutput, ShardPool, WorkerStartErr
 from miners.clip_scorer import CROP_MODES, model_fingerprint
 from miners.matching import MATCH_MODES, MatchConfig
 from miners.regions import PROPOSER_NAMES
-from miners.rsm import RSMConfig
+from miners.rsm import RSMConfig, calibrator_fingerprint
 from qa.render import summary_markdown as qa_summary_markdown
 from qa.report import build_report
 from storage.shards import (
@@ -147,6 +147,7 @@ def run_config(config: RSMConfig) -> dict[str, Any]:
     hash (a model retrained in place must not mix with shards mined by the old one)."""
     resolved = {k: v for k, v in asdict(config).items() if k not in RUNTIME_KEYS}
     resolved["clip_model_fingerprint"] = model_fingerprint(config.clip_model)
+    resolved["calibrator_fingerprint"] = calibrator_fingerprint(config)
     return resolved
 
 

@@ -49,7 +49,7 @@ def fit_on_manifest(manifest_path: Path, cfg: RSMConfig, split: str | None, max_
     table = first_images(table, max_images)
     if table.num_rows == 0:
         raise ValueError(f"{manifest_path}: no rows with ground truth in split {split!r}")
-    miner = RSMMiner(cfg).with_calibrator(default_calibrator(cfg.match.mode))
+    miner = RSMMiner(cfg, calibrator=default_calibrator(cfg.match.mode))
     result = miner.mine(table, meta["root"])
     has_truth, groundable, correct = judge_pairs(result.pairs, table)
     matches = matches_from_pairs(result.pairs)

@@ -22,7 +22,7 @@ import numpy as np
 from miners.matching import UnitMatches
 from storage.schemas import BODY_PARTS
 
-CALIBRATOR_VERSION = 1
+CALIBRATOR_VERSION = 2  # 2: per-part label features
 CALIBRATOR_FILENAME = "rsm-calibrator.json"
 
 # One indicator per body-part label of the chosen region: how reliable a part's regions are differs by

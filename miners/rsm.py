@@ -67,7 +67,8 @@ class MineResult:
 
 
 class RSMMiner:
-    def __init__(self, cfg: RSMConfig):
+    def __init__(self, cfg: RSMConfig, calibrator: Calibrator | None = None):
+        """`calibrator` overrides the one `cfg` points at (used to fit or compare calibrators)."""
         from miners.captions import CaptionSplitter
         from miners.regions import build_proposer
 
@@ -81,7 +82,7 @@ class RSMMiner:
             max_regions=cfg.max_regions,
         )
         self.scorer = ClipScorer(cfg.clip_model, ScorerConfig(crop_mode=cfg.crop_mode, device=cfg.device))
-        self.calibrator = self._load_calibrator()
+        self.calibrator = calibrator or self._load_calibrator()
         self.clip_fingerprint = self.scorer.fingerprint
         cal_id = hashlib.sha256(json.dumps(self.calibrator.to_json(), sort_keys=True).encode()).hexdigest()[
             :8
@@ -89,11 +90,7 @@ class RSMMiner:
         self.config_fingerprint = f"{cfg.fingerprint()}-{cal_id}"
 
     def _load_calibrator(self) -> Calibrator:
-        path = (
-            Path(self.cfg.calibrator)
-            if self.cfg.calibrator
-            else Path(self.cfg.clip_model) / CALIBRATOR_FILENAME
-        )
+        path = calibrator_path(self.cfg)
         if path.exists():
             cal = Calibrator.load(path, expect_fingerprint=self.scorer.fingerprint)
             if cal.fit_info.get("mode", self.cfg.match.mode) == self.cfg.match.mode:
@@ -101,10 +98,6 @@ class RSMMiner:
         elif self.cfg.calibrator:
             raise FileNotFoundError(f"calibrator {path} does not exist")
         return default_calibrator(self.cfg.match.mode)
-
-    def with_calibrator(self, calibrator: Calibrator) -> RSMMiner:
-        self.calibrator = calibrator
-        return self
 
     # --- the batch ---------------------------------------------------------------------------------
     def mine(self, rows: pa.Table, root: str | Path) -> MineResult:
@@ -236,6 +229,18 @@ class RSMMiner:
             "clip_fingerprint": self.clip_fingerprint,
             "config_fingerprint": self.config_fingerprint,
         }
+
+
+def calibrator_path(cfg: RSMConfig) -> Path:
+    """The calibrator a miner with `cfg` uses: the configured file, else the one beside the CLIP model."""
+    return Path(cfg.calibrator) if cfg.calibrator else Path(cfg.clip_model) / CALIBRATOR_FILENAME
+
+
+def calibrator_fingerprint(cfg: RSMConfig) -> str:
+    """Content hash of that calibrator ("default-prior" when none exists): a refit calibrator changes
+    every reliability, so runs must not mix shards scored with two of them."""
+    path = calibrator_path(cfg)
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "default-prior"
 
 
 def matches_from_pairs(pairs: pa.Table) -> UnitMatches:

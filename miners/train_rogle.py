@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--inject-noise", type=float, default=0.0, help="fraction of pairs whose sentence is shuffled"
     )
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint")
     return ap.parse_args(argv)
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         use_reliability=not args.no_reliability,
         reliability_threshold=args.reliability_threshold,
         seed=args.seed,
+        eval_every_epochs=args.eval_every,
         device=args.device,
     )
     model, processor = load_clip(init, "cpu")
