@@ -33,7 +33,7 @@ demo: setup
 	$(PY) -m flows.demo
 
 bench: setup
-	$(PY) -m bench.run_all
+	$(PY) bench/run_all.py
 
 clean-demo:
 	rm -rf outputs/demo

@@ -1,0 +1,45 @@
+"""`make bench`: every benchmark, in order, each appending its dated figures to bench/RESULTS.md.
+
+1. `python -m flows.demo` — the demo's outputs are the benchmarks' inputs (reused when present);
+2. `bench/rsm_quality.py` — pseudo-label precision / coverage / ECE on a held-out synthetic seed;
+3. `bench/train_ablation.py` — ROGLE global vs global+local vs unweighted, clean and with injected noise;
+4. `bench/qa_scale.py` — the QA report on 1M generated pairs.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+DEMO = Path("outputs/demo")
+
+STEPS = [
+    [sys.executable, "-m", "flows.demo"],
+    [
+        sys.executable,
+        str(BENCH / "rsm_quality.py"),
+        "--clip-model",
+        str(DEMO / "models/tiny-clip"),
+        "--calib-manifest",
+        str(DEMO / "calib/manifest.parquet"),
+    ],
+    [sys.executable, str(BENCH / "train_ablation.py"), "--pairs", str(DEMO / "shards")],
+    [sys.executable, str(BENCH / "qa_scale.py")],
+]
+
+
+def main() -> int:
+    for cmd in STEPS:
+        print("+", " ".join(cmd), flush=True)
+        rc = subprocess.call(cmd)
+        if rc:
+            print(f"benchmark step failed (rc {rc}): {' '.join(cmd)}", file=sys.stderr)
+            return rc
+    print("figures appended to bench/RESULTS.md")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
