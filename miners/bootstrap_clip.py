@@ -42,6 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--text-mode", choices=["sentence-pool", "truncate"], default="sentence-pool")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--eval-every", type=int, default=4, help="evaluate every N epochs (and after the last)")
     ap.add_argument("--force", action="store_true", help="retrain even if a matching model exists")
     return ap.parse_args(argv)
 
@@ -59,8 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         text_mode=args.text_mode,
         device=args.device,
+        eval_every_epochs=args.eval_every,
     )
-    settings = {"model": asdict(model_cfg), "train": asdict(train_cfg)}
+    # What the model depends on; not where it ran or how often it was evaluated.
+    train_settings = {k: v for k, v in asdict(train_cfg).items() if k not in ("device", "eval_every_epochs")}
+    settings = {"model": asdict(model_cfg), "train": train_settings}
     fingerprint = {"manifest": manifest_fingerprint(args.manifest), "settings": settings}
     report_path = args.out / "bootstrap.json"
     if report_path.exists() and not args.force:
