@@ -24,13 +24,7 @@ import pyarrow as pa
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
-# Offline hygiene for the processes a local Ray starts (they inherit the driver's environment)
-OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+from flows.env import apply_offline_defaults
 
 
 class WorkerStartError(RuntimeError):
@@ -62,8 +56,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool
     """
     if ray.is_initialized():
         return False
-    for key, value in OFFLINE_ENV.items():
-        os.environ.setdefault(key, value)
+    apply_offline_defaults()  # the processes a local Ray starts inherit the driver's environment
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address and address != "local":
         ray.init(address=address)

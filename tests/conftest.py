@@ -6,16 +6,13 @@ need *meaningful* scores train their own; pipeline tests only need the real load
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-os.environ.setdefault("DO_NOT_TRACK", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from flows.env import apply_offline_defaults
+
+apply_offline_defaults()
 
 
 @pytest.fixture(scope="session")
