@@ -36,8 +36,9 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from storage.plan import plan_shards  # noqa: E402
 from storage.schemas import BODY_PARTS, PAIRS_SCHEMA, STATUS_SCHEMA, with_version  # noqa: E402
-from storage.shards import SUCCESS_FILE, begin_run, commit_shard, finalize_run, plan_shards  # noqa: E402
+from storage.shards import SUCCESS_FILE, begin_run, commit_shard, finalize_run  # noqa: E402
 
 HEADING = "## QA report scale"
 TABLE_HEAD = (

@@ -44,18 +44,14 @@ from miners.regions import PROPOSER_NAMES
 from miners.rsm import RSMConfig, calibrator_fingerprint
 from qa.render import summary_markdown as qa_summary_markdown
 from qa.report import build_report
+from storage.plan import SORT_KEYS, RunPlan, load_shard_rows, plan_shards, read_manifest_table
 from storage.shards import (
-    SORT_KEYS,
     RunConflictError,
-    RunPlan,
     ShardStoreError,
     begin_run,
     commit_shard,
     committed_records,
     finalize_run,
-    load_shard_rows,
-    plan_shards,
-    read_manifest_table,
 )
 
 CLIP_MODEL_HINT = (

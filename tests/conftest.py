@@ -51,7 +51,8 @@ def tiny_run(tiny_dataset, tiny_clip_dir, tmp_path_factory) -> Path:
     from dataclasses import asdict
 
     from miners.rsm import RSMConfig, RSMMiner
-    from storage.shards import begin_run, commit_shard, finalize_run, load_shard_rows, plan_shards
+    from storage.plan import load_shard_rows, plan_shards
+    from storage.shards import begin_run, commit_shard, finalize_run
 
     cfg = RSMConfig(clip_model=str(tiny_clip_dir))
     out = tmp_path_factory.mktemp("tiny_run") / "shards"

@@ -18,8 +18,9 @@ import pytest
 
 from flows.mine_rsm import ShardsFailedError, main, mine_rsm
 from flows.ray_workers import PoolPlan, ShardPool, plan_pool
+from storage.plan import load_shard_rows, plan_shards
 from storage.reader import read_pairs, read_run_manifest, read_status, scan_pairs, scan_status, verify_run
-from storage.shards import RunConflictError, load_shard_rows, pairs_name, plan_shards, stats_name, status_name
+from storage.shards import RunConflictError, pairs_name, stats_name, status_name
 
 pytestmark = pytest.mark.timeout(300)
 SHARD_SIZE = 8

@@ -10,8 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from qa.checks import check_non_null, run_checks
+from storage.plan import plan_shards
 from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA, with_version
-from storage.shards import begin_run, commit_shard, finalize_run, plan_shards
+from storage.shards import begin_run, commit_shard, finalize_run
 
 CONFIG = {"rsm": {"clip_model": "models/none", "proposer": "prior", "match": {"keep_threshold": 0.5}}}
 N_IMAGES = 4

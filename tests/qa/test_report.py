@@ -16,9 +16,10 @@ from PIL import Image
 
 from miners.ground_truth import judge_pairs, pair_quality
 from qa.report import build_report, main, summary_markdown
+from storage.plan import plan_shards
 from storage.reader import read_pairs
 from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA, with_version
-from storage.shards import begin_run, commit_shard, finalize_run, plan_shards
+from storage.shards import begin_run, commit_shard, finalize_run
 
 CAPTION = "Red hat on top. Blue shirt worn. Black pants below. Walks fast."
 PHRASES = [("Red hat", 0), ("Blue shirt", 1), ("Black pants", 2)]

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from polars.testing import assert_frame_equal
 
+from storage.plan import RunPlan, plan_shards
 from storage.reader import (
     RunNotFinalizedError,
     pair_files,
@@ -33,7 +34,6 @@ from storage.shards import (
     STAGING_DIR,
     RunConflictError,
     RunIncompleteError,
-    RunPlan,
     ShardCorruptError,
     ShardValidationError,
     begin_run,
@@ -41,7 +41,6 @@ from storage.shards import (
     finalize_run,
     load_run_plan,
     pending_shards,
-    plan_shards,
     publish_no_clobber,
 )
 
