@@ -19,7 +19,6 @@ import argparse
 import logging
 import sys
 import time
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -28,21 +27,24 @@ from typing import Any
 import pyarrow.compute as pc
 import ray
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import (
-    create_markdown_artifact,
-    create_progress_artifact,
-    create_table_artifact,
-    update_progress_artifact,
-)
 from prefect.cache_policies import NONE as NO_CACHE
 
 from flows.env import apply_offline_defaults
 from flows.ray_workers import ShardEvent, ShardOutput, ShardPool, WorkerStartError, connect_ray, plan_pool
+from flows.reporting import (
+    ArtifactReporter,
+    LogReporter,
+    Reporter,
+    TqdmReporter,
+    failure_message,
+    publish_qa_artifacts,
+    qa_headline,
+    summarize,
+)
 from miners.clip_scorer import CROP_MODES, model_fingerprint
 from miners.matching import MATCH_MODES, MatchConfig
 from miners.regions import PROPOSER_NAMES
 from miners.rsm import RSMConfig, calibrator_fingerprint
-from qa.render import summary_markdown as qa_summary_markdown
 from qa.report import build_report
 from storage.plan import SORT_KEYS, RunPlan, load_shard_rows, plan_shards, read_manifest_table
 from storage.shards import (
@@ -50,7 +52,6 @@ from storage.shards import (
     ShardStoreError,
     begin_run,
     commit_shard,
-    committed_records,
     finalize_run,
 )
 
@@ -234,201 +235,6 @@ def mine_pending(
     return report
 
 
-# ---------------------------------------------------------------------------------------------- summary
-
-
-def summarize(opts: MineOptions, plan: RunPlan, report: MiningReport, wall_s: float) -> dict[str, Any]:
-    """Totals over all committed shards (this run's and earlier ones) plus this run's timings."""
-    records = {r["shard_id"]: r for r in committed_records(opts.out, plan)}
-    status_counts: Counter[str] = Counter()
-    shards = []
-    for spec in plan.shards:
-        record = records.get(spec.shard_id)
-        row: dict[str, Any] = {"shard_id": spec.shard_id, "rows": spec.n_rows, "images": spec.n_images}
-        if record is None:
-            row |= {"state": "failed" if spec.shard_id in report.failed else "pending"}
-            row["error"] = report.failed.get(spec.shard_id, "")
-        else:
-            worker = record.get("worker", {})
-            status_counts.update(record["status_counts"])
-            ok = record["status_counts"].get("ok", 0)
-            row |= {
-                "state": "mined now" if spec.shard_id in report.done else "committed earlier",
-                "ok": ok,
-                "rejected": spec.n_rows - ok,
-                "pairs": record["pairs"]["n_rows"],
-                "kept": record["n_kept_pairs"],
-                "mine_s": worker.get("mine_s"),
-                "commit_s": record.get("commit_s"),
-                "attempts": worker.get("attempt"),
-                "worker": "{host}:{pid} {device}".format(**worker["worker"]) if "worker" in worker else "",
-            }
-        shards.append(row)
-
-    mined = [records[sid] for sid in report.done if sid in records]
-    mine_s = sum(r["worker"].get("mine_s", 0.0) for r in mined)
-    n_workers = max(1, len(report.workers))
-    ok_rows = status_counts.get("ok", 0)
-    return {
-        "run_id": plan.run_id,
-        "out": str(Path(opts.out).resolve()),
-        "finalized": not report.failed and len(records) == len(plan.shards),
-        "n_shards": len(plan.shards),
-        "shards_committed": len(records),
-        "shards_mined_now": len(report.done),
-        "shards_failed": {str(k): v for k, v in sorted(report.failed.items())},
-        "manifest_rows": plan.n_rows,
-        "ok_rows": ok_rows,
-        "rejected_rows": sum(status_counts.values()) - ok_rows,
-        "status_counts": dict(sorted(status_counts.items())),
-        "pairs": sum(records[s]["pairs"]["n_rows"] for s in records),
-        "kept_pairs": sum(records[s]["n_kept_pairs"] for s in records),
-        "images_mined_now": report.images,
-        "images_per_s": round(report.images / report.fanout_s, 2) if report.fanout_s else None,
-        "workers": report.workers,
-        "pool": report.pool_reason,
-        "wall_s": round(wall_s, 2),
-        "ray_start_s": round(report.ray_start_s, 2),
-        "workers_start_s": round(report.workers_start_s, 2),
-        "fanout_s": round(report.fanout_s, 2),
-        "mine_s_total": round(mine_s, 2),
-        # Planning, Ray and actor start-up, finalize: paid once per run
-        "fixed_overhead_s": round(wall_s - report.fanout_s, 2),
-        # Fan-out time not spent mining (dispatch, transfer, commit), per shard; workers mine in parallel
-        "overhead_s_per_shard": round((report.fanout_s - mine_s / n_workers) / len(mined), 3)
-        if mined
-        else None,
-        "shards": shards,
-    }
-
-
-def failure_message(summary: dict[str, Any]) -> str:
-    failed = summary["shards_failed"]
-    lines = "; ".join(f"shard {sid}: {err}" for sid, err in failed.items())
-    return (
-        f"{len(failed)} of {summary['n_shards']} shards failed after all retries ({lines}). "
-        f"{summary['shards_committed']} shards are committed in {summary['out']} and stay so: rerun the "
-        "same command to mine only the unfinished shards."
-    )
-
-
-def summary_markdown(summary: dict[str, Any]) -> str:
-    state = "complete" if summary["finalized"] else "INCOMPLETE"
-    kinds = "".join(f"| {k} | {n} |\n" for k, n in summary["status_counts"].items()) or "| - | 0 |\n"
-    failed = "".join(f"- shard {sid}: `{err}`\n" for sid, err in summary["shards_failed"].items())
-    return (
-        f"# mine-rsm run `{summary['run_id']}`: {state}\n\n"
-        f"Output: `{summary['out']}`\n\n"
-        "| measure | value |\n| --- | --- |\n"
-        f"| shards committed / total | {summary['shards_committed']} / {summary['n_shards']} |\n"
-        f"| shards mined in this run | {summary['shards_mined_now']} |\n"
-        f"| manifest rows | {summary['manifest_rows']} |\n"
-        f"| ok / rejected rows | {summary['ok_rows']} / {summary['rejected_rows']} |\n"
-        f"| pairs / kept | {summary['pairs']} / {summary['kept_pairs']} |\n"
-        f"| images/s (this run) | {summary['images_per_s']} |\n"
-        f"| wall s (Ray start, workers start, fan-out) | {summary['wall_s']} ({summary['ray_start_s']}, "
-        f"{summary['workers_start_s']}, {summary['fanout_s']}) |\n"
-        f"| workers | {summary['pool']} |\n\n"
-        f"## Rows by status\n\n| status | rows |\n| --- | --- |\n{kinds}"
-        + (f"\n## Failed shards\n\n{failed}\nRerun the same command to resume.\n" if failed else "")
-    )
-
-
-# ---------------------------------------------------------------------------------------------- reporters
-
-
-class Reporter:
-    """Hooks called by run_mining; the no-op base."""
-
-    def on_plan(self, plan: RunPlan, pending: list[int]) -> None:
-        pass
-
-    def on_event(self, event: ShardEvent, progress: Progress) -> None:
-        pass
-
-    def on_summary(self, summary: dict[str, Any]) -> None:
-        pass
-
-
-class LogReporter(Reporter):
-    def __init__(self, logger: logging.Logger | logging.LoggerAdapter):
-        self.log = logger
-
-    def on_plan(self, plan: RunPlan, pending: list[int]) -> None:
-        done = len(plan.shards) - len(pending)
-        self.log.info(
-            f"run {plan.run_id}: {len(plan.shards)} shards, {len(pending)} to mine ({done} committed)"
-        )
-
-    def on_event(self, event: ShardEvent, progress: Progress) -> None:
-        if event.kind == "done":
-            out = event.output
-            self.log.info(
-                f"shard {event.shard_id} committed ({out.status.num_rows} rows, {out.pairs.num_rows} pairs, "
-                f"mined in {out.mine_s:.2f}s on {out.worker['host']}:{out.worker['pid']}); "
-                f"{progress.n_done}/{progress.n_total} shards"
-            )
-        elif event.kind == "retry":
-            self.log.warning(
-                f"shard {event.shard_id} attempt {event.attempt} failed, retrying: {event.error}"
-            )
-        else:
-            self.log.error(f"shard {event.shard_id} FAILED after {event.attempt} attempts: {event.error}")
-
-    def on_summary(self, summary: dict[str, Any]) -> None:
-        self.log.info(
-            f"{summary['shards_committed']}/{summary['n_shards']} shards committed, {summary['pairs']} pairs "
-            f"({summary['kept_pairs']} kept), {summary['images_per_s']} images/s, wall {summary['wall_s']}s"
-        )
-
-
-class TqdmReporter(Reporter):
-    def __init__(self):
-        self.bar = None
-
-    def on_plan(self, plan: RunPlan, pending: list[int]) -> None:
-        from tqdm import tqdm
-
-        total = len(plan.shards)
-        self.bar = tqdm(
-            total=total, initial=total - len(pending), unit="shard", desc="mine-rsm", file=sys.stderr
-        )
-
-    def on_event(self, event: ShardEvent, progress: Progress) -> None:
-        if event.kind != "retry":
-            self.bar.update(1)
-        self.bar.set_postfix(img_s=f"{progress.images_per_s:.1f}", failed=self.bar.n - progress.n_done)
-
-    def on_summary(self, summary: dict[str, Any]) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class ArtifactReporter(Reporter):
-    """Prefect artifacts: progress while shards commit, then a markdown and a table summary."""
-
-    def __init__(self):
-        self.progress_id = None
-
-    def on_plan(self, plan: RunPlan, pending: list[int]) -> None:
-        done = len(plan.shards) - len(pending)
-        self.progress_id = create_progress_artifact(
-            progress=100.0 * done / max(1, len(plan.shards)),
-            key="mine-rsm-progress",
-            description=f"committed shards of run {plan.run_id} ({len(plan.shards)} in all)",
-        )
-
-    def on_event(self, event: ShardEvent, progress: Progress) -> None:
-        if event.kind == "done":
-            update_progress_artifact(self.progress_id, 100.0 * progress.n_done / max(1, progress.n_total))
-
-    def on_summary(self, summary: dict[str, Any]) -> None:
-        create_markdown_artifact(
-            summary_markdown(summary), key="mine-rsm-summary", description=f"run {summary['run_id']}"
-        )
-        create_table_artifact(summary["shards"], key="mine-rsm-shards", description="one row per shard")
-
-
 # ---------------------------------------------------------------------------------------------- pipeline
 
 
@@ -507,29 +313,6 @@ def mine_rsm(
         publish_qa_artifacts(qa)
         summary["qa"] = qa_headline(qa)
     return summary
-
-
-def qa_headline(qa: dict[str, Any]) -> dict[str, Any]:
-    """The QA figures worth a table row (qa.json holds everything)."""
-    keys = (
-        "pairs_total",
-        "pairs_kept",
-        "noise_rate_estimated",
-        "noise_rate_mixture",
-        "noise_rate_true",
-        "precision_kept",
-        "coverage",
-        "ece",
-    )
-    return {k: qa.get(k) for k in keys}
-
-
-def publish_qa_artifacts(qa: dict[str, Any]) -> None:
-    create_markdown_artifact(
-        qa_summary_markdown(qa), key="rsm-qa-summary", description="QA: noisy pair rates"
-    )
-    rows = [{"figure": k, "value": v} for k, v in qa_headline(qa).items() if v is not None]
-    create_table_artifact(rows, key="rsm-qa-figures", description="QA headline figures")
 
 
 # ---------------------------------------------------------------------------------------------- CLI

@@ -235,3 +235,22 @@ def test_pool_replaces_a_dead_actor_and_remines_its_shard(ray_local, params):
     assert sorted(o.shard_id for o in accepted) == [0, 1, 2]
     for sid, event in done.items():  # every row of the shard is accounted for
         assert event.output.status.num_rows == plan.shard(sid).n_rows
+
+
+def test_flow_writes_the_qa_report_and_publishes_it(reference, params, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    out, _ = reference
+    qa_dir = tmp_path / "qa"
+    state = mine_rsm(out=str(out), **params, qa_out=str(qa_dir), return_state=True)  # finished run: QA only
+    assert state.is_completed(), state.message
+    qa = json.loads((qa_dir / "qa.json").read_text())
+    assert qa["pairs_total"] == read_pairs(out).num_rows and (qa_dir / "report.html").is_file()
+    assert state.result()["qa"]["pairs_kept"] == qa["pairs_kept"]
+    run_filter = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=run_filter)}
+    assert {"rsm-qa-summary", "rsm-qa-figures"} <= set(artifacts)
+    figures = {row["figure"]: row["value"] for row in json.loads(artifacts["rsm-qa-figures"].data)}
+    assert figures["pairs_total"] == qa["pairs_total"]
