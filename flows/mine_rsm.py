@@ -79,6 +79,7 @@ class MineOptions:
     max_workers: int | None = None
     gpus_per_worker: float = 1.0  # used when Ray reports GPUs; a fraction packs actors on one GPU
     max_retries: int = 2
+    shard_timeout_s: float | None = None  # a worker stuck this long on one shard is killed and replaced
     fail_shards: tuple[int, ...] = ()  # test hook: these shards' workers raise on every attempt
 
     def __post_init__(self) -> None:
@@ -86,6 +87,8 @@ class MineOptions:
             raise ValueError(f"shard_size must be a positive integer, got {self.shard_size!r}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.shard_timeout_s is not None and self.shard_timeout_s <= 0:
+            raise ValueError(f"shard_timeout_s must be > 0 (or unset), got {self.shard_timeout_s}")
         if self.max_workers is not None and self.max_workers < 1:
             raise ValueError(f"max_workers must be >= 1 (or unset), got {self.max_workers}")
         if self.gpus_per_worker < 0:
@@ -218,6 +221,7 @@ def mine_pending(
                 accept=lambda output: commit_output(opts, plan, output),
                 max_retries=opts.max_retries,
                 inject={sid: "raise" for sid in opts.fail_shards},
+                shard_timeout_s=opts.shard_timeout_s,
             )
             for event in events:
                 if event.kind == "done":
@@ -293,6 +297,7 @@ def mine_rsm(
     gpus_per_worker: float = 1.0,
     images_per_batch: int = 32,
     sam_model_type: str = "vit_b",
+    shard_timeout_s: float | None = None,
     progress_bar: bool = False,
     fail_shards: list[int] | None = None,
     qa_out: str | None = None,
@@ -334,6 +339,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per actor (e.g. 0.5)")
     p.add_argument("--images-per-batch", type=int, default=32)
     p.add_argument("--max-retries", type=int, default=2, help="retries per shard (default 2)")
+    p.add_argument(
+        "--shard-timeout", type=float, dest="shard_timeout_s", help="seconds before a stuck worker is killed"
+    )
     p.add_argument("--no-prefect", action="store_true", help="run the same pipeline without Prefect")
     p.add_argument("--qa-out", help="also write the QA report (python -m qa.report) into this folder")
     p.add_argument(

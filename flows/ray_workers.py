@@ -158,6 +158,8 @@ class ShardMiner:
             raise InjectedShardFailure(f"shard {shard_id}: failure injected by the fail_shards test hook")
         if hook == "crash-once":
             os._exit(17)  # the actor process dies mid-shard, as on OOM or a lost node
+        if hook == "hang-once":
+            time.sleep(24 * 3600)  # a stuck worker (deadlocked I/O, a hung GPU): only the watchdog ends it
         t0 = time.perf_counter()
         result = self.miner.mine(rows, root)
         return ShardOutput(
@@ -276,6 +278,7 @@ class ShardPool:
         max_retries: int = 2,
         inject: Mapping[int, str] | None = None,
         tasks_per_worker: int = 2,
+        shard_timeout_s: float | None = None,
     ) -> Iterator[ShardEvent]:
         """Mine every shard; yields one event per finished attempt, in completion order.
 
@@ -283,8 +286,12 @@ class ShardPool:
         workers need the image root but not the manifest). accept(output) runs on the driver; if it
         raises, the attempt counts as failed. Each shard gets 1 + max_retries attempts. Each actor has
         up to `tasks_per_worker` shards queued, so it never idles while the driver commits.
-        inject (TEST HOOK): shard id -> "raise" (every attempt raises) or "crash-once" (the actor
-        process exits during the first attempt).
+        shard_timeout_s: an attempt unfinished `shard_timeout_s x tasks_per_worker` after dispatch (the
+        actor's earlier queued shards and a replacement actor's start-up count in: set it well above
+        both) gets its actor killed; the dead-actor path then replaces the actor and retries the
+        shard, so one hung worker cannot stall the run.
+        inject (TEST HOOK): shard id -> "raise" (every attempt raises), "crash-once" (the actor
+        process exits during the first attempt) or "hang-once" (the first attempt never returns).
         """
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -293,6 +300,7 @@ class ShardPool:
         depth = max(1, tasks_per_worker)
         free = deque(slot for _ in range(depth) for slot in self._slots)  # one entry per free queue place
         dead: set[int] = set()
+        timed_out: set[int] = set()
         in_flight: dict[Any, tuple[_Slot, int, int, float]] = {}
         respawn_budget = len(self._slots) * (max_retries + 1)  # dead actors replaced at most this often
 
@@ -303,7 +311,11 @@ class ShardPool:
                     continue
                 sid, attempt = queue.popleft()
                 hook = inject.get(sid)
-                hook = hook if hook == "raise" or (hook == "crash-once" and attempt == 1) else None
+                hook = (
+                    hook
+                    if hook == "raise" or (hook in ("crash-once", "hang-once") and attempt == 1)
+                    else None
+                )
                 ref = slot.actor.mine.remote(sid, rows_for(sid), root, attempt, hook)
                 in_flight[ref] = (slot, sid, attempt, time.perf_counter())
             if not in_flight:  # shards left but every actor died and none may be replaced
@@ -312,13 +324,23 @@ class ShardPool:
                     yield ShardEvent("failed", sid, attempt, error="no live mining worker left")
                 break
 
-            [ref], _ = ray.wait(list(in_flight), num_returns=1)
+            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0 if shard_timeout_s else None)
+            if not ready:  # watchdog: kill actors whose shard is overdue; their calls then fail below
+                now = time.perf_counter()
+                for overdue_slot, _, _, t_sent in list(in_flight.values()):
+                    if overdue_slot.index not in timed_out and now - t_sent > shard_timeout_s * depth:
+                        timed_out.add(overdue_slot.index)
+                        ray.kill(overdue_slot.actor, no_restart=True)
+                continue
+            ref = ready[0]
             slot, sid, attempt, t_submit = in_flight.pop(ref)
             error = None
             try:
                 output: ShardOutput = ray.get(ref)
             except RayActorError as exc:
                 error = describe_error(exc)
+                if slot.index in timed_out:
+                    error = f"timed out (over {shard_timeout_s:g}s per shard); worker killed: {error}"
                 if slot.index not in dead:  # its other queued shard fails the same way: replace once
                     dead.add(slot.index)
                     self._slots.remove(slot)

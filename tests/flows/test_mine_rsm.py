@@ -254,3 +254,25 @@ def test_flow_writes_the_qa_report_and_publishes_it(reference, params, tmp_path)
     assert {"rsm-qa-summary", "rsm-qa-figures"} <= set(artifacts)
     figures = {row["figure"]: row["value"] for row in json.loads(artifacts["rsm-qa-figures"].data)}
     assert figures["pairs_total"] == qa["pairs_total"]
+
+
+def test_pool_kills_a_stuck_worker_after_the_shard_timeout(ray_local, params):
+    plan = plan_shards(params["manifest"], SHARD_SIZE, {"test": "timeout"})
+    config = {"clip_model": params["clip_model"], "images_per_batch": 4}
+    with ShardPool(config, PoolPlan(1, 1.0, 0.0, "test")) as pool:
+        events = list(
+            pool.run(
+                [0, 1],
+                rows_for=lambda sid: load_shard_rows(plan, sid),
+                root=plan.manifest_root,
+                accept=lambda output: None,
+                max_retries=1,
+                inject={0: "hang-once"},
+                tasks_per_worker=1,
+                shard_timeout_s=20.0,  # above a replacement actor's start-up on a loaded 2-core CI box
+            )
+        )
+    retries = [e for e in events if e.kind == "retry"]
+    done = {e.shard_id: e for e in events if e.kind == "done"}
+    assert [e.shard_id for e in retries] == [0] and "timed out" in retries[0].error
+    assert sorted(done) == [0, 1] and done[0].attempt == 2
