@@ -96,13 +96,12 @@ def evaluate_local(model, data: ClipData, processor, max_images: int = 2000) -> 
     size_hw = tuple(data.images_u8.shape[2:])
     grid = patch_grid_hw(model, size_hw)
     correct = total = 0
-    seen_images: set[int] = set()
+    region_emb_of: dict[int, torch.Tensor] = {}  # one vision forward per image, shared by its captions
     for cap_i, links in enumerate(data.cap_gt_links):
         img_i = int(data.cap_image_index[cap_i])
         regions = data.image_gt_regions[img_i]
-        if not links or not regions or (img_i not in seen_images and len(seen_images) >= max_images):
+        if not links or not regions or (img_i not in region_emb_of and len(region_emb_of) >= max_images):
             continue
-        seen_images.add(img_i)
         texts, targets = [], []
         for link in links:
             if link.get("region_ids"):
@@ -111,12 +110,14 @@ def evaluate_local(model, data: ClipData, processor, max_images: int = 2000) -> 
                 targets.append({k for k, r in enumerate(regions) if r["id"] in link["region_ids"]})
         if not texts:
             continue
-        sx, sy = data.image_scale_xy[img_i]
-        boxes = np.asarray([r["bbox"] for r in regions], dtype=np.float32) * np.array([sx, sy, sx, sy])
-        weights = torch.from_numpy(box_patch_weights(boxes, grid, size_hw)).to(device)
-        pix = to_pixel_values(data.images_u8[img_i : img_i + 1].to(device), mean, std)
-        index = torch.zeros(len(regions), dtype=torch.long, device=device)
-        _, region_emb = image_and_region_embeddings(model, pix, index, weights)
+        if img_i not in region_emb_of:
+            sx, sy = data.image_scale_xy[img_i]
+            boxes = np.asarray([r["bbox"] for r in regions], dtype=np.float32) * np.array([sx, sy, sx, sy])
+            weights = torch.from_numpy(box_patch_weights(boxes, grid, size_hw)).to(device)
+            pix = to_pixel_values(data.images_u8[img_i : img_i + 1].to(device), mean, std)
+            index = torch.zeros(len(regions), dtype=torch.long, device=device)
+            region_emb_of[img_i] = image_and_region_embeddings(model, pix, index, weights)[1]
+        region_emb = region_emb_of[img_i]
         ids, mask = pad_token_ids(tokenize(processor, texts), pad_id, device)
         picks = (text_embeddings(model, ids, mask) @ region_emb.T).argmax(1).tolist()
         correct += sum(int(p in t) for p, t in zip(picks, targets, strict=True))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -130,8 +131,6 @@ class Trainer:
             ckpt.rename(old)
         tmp.rename(ckpt)
         if old.exists():
-            import shutil
-
             shutil.rmtree(old)
         return ckpt
 
