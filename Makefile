@@ -25,6 +25,7 @@ $(STAMP): pyproject.toml constraints.txt
 lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports --no-cache
 
 test: setup lint
 	$(VENV)/bin/pytest -q

@@ -25,14 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from miners.calibrate import fit_on_manifest
-from miners.ground_truth import judge_pairs, pair_quality
 from miners.matching import MatchConfig
+from miners.metrics import expected_calibration_error
 from miners.rsm import RSMConfig, RSMMiner, matches_from_pairs
-from qa.metrics import expected_calibration_error
+from miners.training.fit_calibrator import fit_on_manifest
 from storage.manifest import main as manifest_main
 from storage.manifest import read_manifest
 from storage.synth import generate
+from storage.truth import judge_pairs, pair_quality
 
 MODES = ("clip", "lexical", "combined")
 

@@ -2,7 +2,7 @@
 injected noise, mean ± std over seeds.
 
 Noise is injected *before mining*: a known fraction of the train captions' sentences are replaced by
-sentences of other people (`miners.noise.shuffle_caption_units`), the noisy manifest is mined with the
+sentences of other people (`miners.caption_noise.shuffle_caption_units`), the noisy manifest is mined with the
 same CLIP and calibrator (`flows.mine_rsm --no-prefect`), and training reads those pairs — so each
 injected pair carries the reliability the RSM itself gives it, which is what weighting is tested on.
 
@@ -27,7 +27,8 @@ import pyarrow.parquet as pq
 from rsm_quality import machine  # bench/ is on sys.path when this file runs as a script
 
 from flows.mine_rsm import main as mine_main
-from miners.noise import shuffle_caption_units
+from miners.caption_noise import shuffle_caption_units
+from miners.run_config import read_run_config
 from miners.train_rogle import main as train_main
 from storage.manifest import read_manifest
 from storage.shards import load_run_plan
@@ -52,9 +53,9 @@ def noisy_pairs(clean_pairs: Path, out: Path, fraction: float, seed: int = 0) ->
         out.mkdir(parents=True, exist_ok=True)
         pq.write_table(noisy, noisy_manifest)  # keeps the schema metadata, rsm.root included
     if not (shards / "_SUCCESS").is_file():
-        cfg = plan.config
-        argv = ["--manifest", str(noisy_manifest), "--out", str(shards), "--clip-model", cfg["clip_model"]]
-        argv += ["--proposer", cfg["proposer"], "--crop-mode", cfg["crop_mode"], "--no-prefect"]
+        cfg = read_run_config(clean_pairs).rsm
+        argv = ["--manifest", str(noisy_manifest), "--out", str(shards), "--clip-model", cfg.clip_model]
+        argv += ["--proposer", cfg.proposer, "--crop-mode", cfg.crop_mode, "--no-prefect"]
         if mine_main(argv):
             raise SystemExit("mining the noisy manifest failed")
     return shards, noisy_manifest, len(injected)

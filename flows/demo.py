@@ -46,9 +46,9 @@ def _manifest(root: Path, out: Path) -> None:
 
 
 def _calibrate(calib_manifest: Path, clip_dir: Path) -> None:
-    from miners.calibrate import main as calibrate_main
     from miners.calibration import CALIBRATOR_FILENAME, Calibrator
     from miners.clip_scorer import model_fingerprint
+    from miners.training.fit_calibrator import main as calibrate_main
 
     path = clip_dir / CALIBRATOR_FILENAME
     if path.is_file():
@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     done("manifest")
 
     step("bootstrap")
-    from miners.bootstrap_clip import main as bootstrap_main
+    from miners.training.bootstrap import main as bootstrap_main
 
     if bootstrap_main(
         ["--manifest", str(manifest), "--out", str(clip_dir), "--epochs", str(args.bootstrap_epochs)]

@@ -20,8 +20,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import Any
 
 import pyarrow.compute as pc
@@ -30,10 +29,21 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
 
 from flows.env import apply_offline_defaults
-from flows.ray_workers import ShardEvent, ShardOutput, ShardPool, WorkerStartError, connect_ray, plan_pool
+from flows.options import MineOptions, MineParams, add_param_arguments, build_options, param_defaults
+from flows.ray_workers import (
+    ShardEvent,
+    ShardMiner,
+    ShardOutput,
+    ShardPool,
+    WorkerStartError,
+    connect_ray,
+    plan_pool,
+)
 from flows.reporting import (
     ArtifactReporter,
     LogReporter,
+    MiningReport,
+    Progress,
     Reporter,
     TqdmReporter,
     failure_message,
@@ -41,10 +51,7 @@ from flows.reporting import (
     qa_headline,
     summarize,
 )
-from miners.clip_scorer import CROP_MODES, model_fingerprint
-from miners.matching import MATCH_MODES, MatchConfig
-from miners.regions import PROPOSER_NAMES
-from miners.rsm import RSMConfig, calibrator_fingerprint
+from miners.run_config import run_config_for
 from qa.report import build_report
 from storage.plan import SORT_KEYS, RunPlan, load_shard_rows, plan_shards, read_manifest_table
 from storage.shards import (
@@ -55,100 +62,9 @@ from storage.shards import (
     finalize_run,
 )
 
-CLIP_MODEL_HINT = (
-    "pass --clip-model DIR (a CLIP folder saved with save_pretrained); `make demo` bootstraps a tiny one "
-    "in outputs/demo/models/tiny-clip"
-)
-RUNTIME_KEYS = ("device", "images_per_batch")  # change speed, not output: not part of the run's identity
-
 
 class ShardsFailedError(RuntimeError):
     """Some shards failed after all retries; the committed ones stay committed (a rerun resumes)."""
-
-
-# ---------------------------------------------------------------------------------------------- options
-
-
-@dataclass(frozen=True)
-class MineOptions:
-    manifest: str
-    out: str
-    config: RSMConfig
-    shard_size: int = 256
-    ray_address: str | None = None  # else $RAY_ADDRESS, else a local Ray
-    max_workers: int | None = None
-    gpus_per_worker: float = 1.0  # used when Ray reports GPUs; a fraction packs actors on one GPU
-    max_retries: int = 2
-    shard_timeout_s: float | None = None  # a worker stuck this long on one shard is killed and replaced
-    fail_shards: tuple[int, ...] = ()  # test hook: these shards' workers raise on every attempt
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.shard_size, int) or self.shard_size < 1:
-            raise ValueError(f"shard_size must be a positive integer, got {self.shard_size!r}")
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        if self.shard_timeout_s is not None and self.shard_timeout_s <= 0:
-            raise ValueError(f"shard_timeout_s must be > 0 (or unset), got {self.shard_timeout_s}")
-        if self.max_workers is not None and self.max_workers < 1:
-            raise ValueError(f"max_workers must be >= 1 (or unset), got {self.max_workers}")
-        if self.gpus_per_worker < 0:
-            raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
-        if self.config.images_per_batch < 1:
-            raise ValueError(f"images_per_batch must be >= 1, got {self.config.images_per_batch}")
-
-
-def build_options(
-    manifest: str,
-    out: str,
-    proposer: str = "prior",
-    clip_model: str | None = None,
-    sam_checkpoint: str | None = None,
-    sam_model_type: str = "vit_b",
-    crop_mode: str = "box",
-    match_mode: str = "combined",
-    images_per_batch: int = 32,
-    **run: Any,
-) -> MineOptions:
-    """Validate parameters up front (before Ray or Prefect do any work) and resolve paths."""
-    if clip_model is None:
-        raise ValueError(f"no CLIP model given: {CLIP_MODEL_HINT}")
-    clip_dir = Path(clip_model).resolve()
-    if not (clip_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{clip_dir}: not a CLIP model folder (no config.json); {CLIP_MODEL_HINT}")
-    if not Path(manifest).is_file():
-        raise FileNotFoundError(
-            f"manifest {manifest} does not exist; build it with `python -m storage.manifest` "
-            "(`make demo` builds outputs/demo/manifest.parquet)"
-        )
-    checks = {"proposer": (proposer, PROPOSER_NAMES), "crop_mode": (crop_mode, CROP_MODES)}
-    checks["match_mode"] = (match_mode, MATCH_MODES)
-    for name, (value, valid) in checks.items():
-        if value not in valid:
-            raise ValueError(f"{name} {value!r} is not one of {', '.join(valid)}")
-    if proposer.startswith("sam") and not sam_checkpoint:
-        raise ValueError(f"proposer {proposer!r} needs --sam-checkpoint PATH (a segment-anything .pth)")
-    if sam_checkpoint and not Path(sam_checkpoint).is_file():
-        raise FileNotFoundError(f"SAM checkpoint {sam_checkpoint} does not exist")
-    config = RSMConfig(
-        clip_model=str(clip_dir),  # absolute: Ray workers do not share the driver's working directory
-        proposer=proposer,
-        sam_checkpoint=str(Path(sam_checkpoint).resolve()) if sam_checkpoint else None,
-        sam_model_type=sam_model_type,
-        crop_mode=crop_mode,
-        match=MatchConfig(mode=match_mode),
-        images_per_batch=images_per_batch,
-    )
-    run["fail_shards"] = tuple(run.get("fail_shards") or ())
-    return MineOptions(manifest=str(manifest), out=str(out), config=config, **run)
-
-
-def run_config(config: RSMConfig) -> dict[str, Any]:
-    """The config a run is identified by: RSMConfig minus runtime knobs, plus the CLIP folder's content
-    hash (a model retrained in place must not mix with shards mined by the old one)."""
-    resolved = {k: v for k, v in asdict(config).items() if k not in RUNTIME_KEYS}
-    resolved["clip_model_fingerprint"] = model_fingerprint(config.clip_model)
-    resolved["calibrator_fingerprint"] = calibrator_fingerprint(config)
-    return resolved
 
 
 # ---------------------------------------------------------------------------------------------- stages
@@ -156,36 +72,10 @@ def run_config(config: RSMConfig) -> dict[str, Any]:
 
 def prepare_run(opts: MineOptions) -> tuple[RunPlan, list[int]]:
     """Plan the shards and create or resume the output folder; returns (plan, pending shard ids)."""
-    plan = plan_shards(opts.manifest, opts.shard_size, run_config(opts.config))
+    plan = plan_shards(opts.manifest, opts.shard_size, run_config_for(opts.config).to_dict())
     if plan.manifest_root is None:
         raise ValueError(f"{opts.manifest}: no rsm.root in its metadata; re-import it with storage.manifest")
     return plan, begin_run(opts.out, plan)
-
-
-@dataclass
-class Progress:
-    n_done: int  # committed shards, this run and earlier ones
-    n_total: int
-    images: int = 0  # mined in this run
-    started: float = field(default_factory=time.perf_counter)
-
-    @property
-    def images_per_s(self) -> float:
-        return self.images / max(1e-9, time.perf_counter() - self.started)
-
-
-@dataclass
-class MiningReport:
-    """What the fan-out of this run did (shards committed earlier are not in here)."""
-
-    workers: list[dict[str, Any]] = field(default_factory=list)
-    pool_reason: str = ""
-    ray_start_s: float = 0.0
-    workers_start_s: float = 0.0
-    fanout_s: float = 0.0
-    done: dict[int, ShardEvent] = field(default_factory=dict)
-    failed: dict[int, str] = field(default_factory=dict)
-    images: int = 0
 
 
 def commit_output(opts: MineOptions, plan: RunPlan, output: ShardOutput):
@@ -196,9 +86,14 @@ def commit_output(opts: MineOptions, plan: RunPlan, output: ShardOutput):
 
 
 def mine_pending(
-    opts: MineOptions, plan: RunPlan, pending: list[int], on_event: Callable[[ShardEvent, Progress], None]
+    opts: MineOptions,
+    plan: RunPlan,
+    pending: list[int],
+    on_event: Callable[[ShardEvent, Progress], None],
+    actor_cls: type[ShardMiner] = ShardMiner,
 ) -> MiningReport:
-    """Fan the pending shards out on a pool of Ray actors and commit each result as it arrives."""
+    """Fan the pending shards out on a pool of Ray actors and commit each result as it arrives.
+    `actor_cls`: the actor class (tests pass a ShardMiner subclass that injects faults)."""
     report = MiningReport()
     t0 = time.perf_counter()
     started_ray = connect_ray(opts.ray_address)
@@ -211,7 +106,7 @@ def mine_pending(
         manifest = manifest.take(pc.sort_indices(manifest, sort_keys=SORT_KEYS))
         progress = Progress(n_done=len(plan.shards) - len(pending), n_total=len(plan.shards))
         worker_config = asdict(opts.config)
-        with ShardPool(worker_config, pool_plan) as pool:
+        with ShardPool(worker_config, pool_plan, actor_cls=actor_cls) as pool:
             report.workers, report.workers_start_s = pool.start_infos(), pool.start_s
             progress.started = t_fanout = time.perf_counter()
             events = pool.run(
@@ -220,7 +115,6 @@ def mine_pending(
                 root=str(plan.manifest_root),
                 accept=lambda output: commit_output(opts, plan, output),
                 max_retries=opts.max_retries,
-                inject={sid: "raise" for sid in opts.fail_shards},
                 shard_timeout_s=opts.shard_timeout_s,
             )
             for event in events:
@@ -252,7 +146,10 @@ def _as_task(name: str, fn: Callable, *args: Any) -> Any:
 
 
 def run_mining(
-    opts: MineOptions, reporters: list[Reporter] | None = None, stage: Callable[..., Any] = _direct
+    opts: MineOptions,
+    reporters: list[Reporter] | None = None,
+    stage: Callable[..., Any] = _direct,
+    actor_cls: type[ShardMiner] = ShardMiner,
 ) -> dict[str, Any]:
     """plan → begin/resume → mine pending shards on Ray (commit each) → finalize → summary.
 
@@ -270,7 +167,11 @@ def run_mining(
         for reporter in reporters:
             reporter.on_event(event, progress)
 
-    report = stage("mine-shards", mine_pending, opts, plan, pending, on_event) if pending else MiningReport()
+    report = (
+        stage("mine-shards", mine_pending, opts, plan, pending, on_event, actor_cls)
+        if pending
+        else MiningReport()
+    )
     if not report.failed:
         stage("finalize-run", finalize_run, opts.out, plan)
     summary = summarize(opts, plan, report, time.perf_counter() - t0)
@@ -281,40 +182,41 @@ def run_mining(
     return summary
 
 
+_D = param_defaults()
+
+
+# The parameters are MineParams' fields with its defaults (Prefect builds the deployment's parameter
+# schema from this signature; tests/flows/test_options.py holds the two to each other).
 @flow(name="mine-rsm", description="RSM region-sentence mining: plan shards, fan out on Ray, commit, report")
 def mine_rsm(
     manifest: str,
     out: str,
-    proposer: str = "prior",
-    clip_model: str | None = None,
-    sam_checkpoint: str | None = None,
-    shard_size: int = 256,
-    ray_address: str | None = None,
-    crop_mode: str = "box",
-    match_mode: str = "combined",
-    max_retries: int = 2,
-    max_workers: int | None = None,
-    gpus_per_worker: float = 1.0,
-    images_per_batch: int = 32,
-    sam_model_type: str = "vit_b",
-    shard_timeout_s: float | None = None,
-    progress_bar: bool = False,
-    fail_shards: list[int] | None = None,
-    qa_out: str | None = None,
+    clip_model: str | None = _D["clip_model"],
+    proposer: str = _D["proposer"],
+    sam_checkpoint: str | None = _D["sam_checkpoint"],
+    sam_model_type: str = _D["sam_model_type"],
+    crop_mode: str = _D["crop_mode"],
+    match_mode: str = _D["match_mode"],
+    images_per_batch: int = _D["images_per_batch"],
+    shard_size: int = _D["shard_size"],
+    ray_address: str | None = _D["ray_address"],
+    max_workers: int | None = _D["max_workers"],
+    gpus_per_worker: float = _D["gpus_per_worker"],
+    max_retries: int = _D["max_retries"],
+    shard_timeout_s: float | None = _D["shard_timeout_s"],
+    qa_out: str | None = _D["qa_out"],
+    progress_bar: bool = _D["progress_bar"],
 ) -> dict[str, Any]:
     """Mine MANIFEST into the shard folder OUT (resuming it), then, with `qa_out`, write the QA report
-    there and publish its summary as artifacts. `fail_shards` is a TEST HOOK: the listed shard ids
-    raise in their workers on every attempt, to drill retries, partial failure and resume."""
-    params = dict(locals())
-    params.pop("progress_bar")
-    params.pop("qa_out")
-    opts = build_options(**params)
+    there and publish its summary as artifacts. Parameters: see flows/options.py (MineParams)."""
+    params = MineParams(**locals())
+    opts = build_options(params)
     reporters: list[Reporter] = [LogReporter(get_run_logger()), ArtifactReporter()]
-    if progress_bar:
+    if params.progress_bar:
         reporters.append(TqdmReporter())
     summary = run_mining(opts, reporters, stage=_as_task)
-    if qa_out:
-        qa = _as_task("qa-report", build_report, out, qa_out, manifest)
+    if params.qa_out:
+        qa = _as_task("qa-report", build_report, out, params.qa_out, manifest)
         publish_qa_artifacts(qa)
         summary["qa"] = qa_headline(qa)
     return summary
@@ -325,46 +227,27 @@ def mine_rsm(
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m flows.mine_rsm", description=__doc__.split("\n\n")[0])
-    p.add_argument("--manifest", required=True, help="manifest Parquet (python -m storage.manifest)")
-    p.add_argument("--out", required=True, help="shard folder; an unfinished run there is resumed")
-    p.add_argument("--proposer", default="prior", choices=PROPOSER_NAMES)
-    p.add_argument("--clip-model", help="CLIP from_pretrained folder (required)")
-    p.add_argument("--sam-checkpoint", help="segment-anything .pth (sam-* proposers)")
-    p.add_argument("--sam-model-type", default="vit_b", help="vit_b | vit_l | vit_h | tiny")
-    p.add_argument("--shard-size", type=int, default=256, help="manifest rows per shard (default 256)")
-    p.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
-    p.add_argument("--crop-mode", default="box", choices=CROP_MODES)
-    p.add_argument("--match-mode", default="combined", choices=MATCH_MODES)
-    p.add_argument("--max-workers", type=int, help="at most this many Ray actors (default: CPU/GPU slots)")
-    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPU share per actor (e.g. 0.5)")
-    p.add_argument("--images-per-batch", type=int, default=32)
-    p.add_argument("--max-retries", type=int, default=2, help="retries per shard (default 2)")
-    p.add_argument(
-        "--shard-timeout", type=float, dest="shard_timeout_s", help="seconds before a stuck worker is killed"
-    )
+    add_param_arguments(p)
     p.add_argument("--no-prefect", action="store_true", help="run the same pipeline without Prefect")
-    p.add_argument("--qa-out", help="also write the QA report (python -m qa.report) into this folder")
-    p.add_argument(
-        "--fail-shard", type=int, action="append", dest="fail_shards", help="TEST HOOK: make this shard fail"
-    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     apply_offline_defaults()
     args = parse_args(argv)
-    params = vars(args)
-    no_prefect = params.pop("no_prefect")
-    qa_out = params.pop("qa_out")
+    values = vars(args)
+    no_prefect = values.pop("no_prefect")
+    params = MineParams(**values)
+    qa_out = params.qa_out
     try:
-        opts = build_options(**params)  # fail fast, before a Prefect API or Ray starts
+        opts = build_options(params)  # fail fast, before a Prefect API or Ray starts
         if no_prefect:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
             summary = run_mining(opts, [LogReporter(logging.getLogger("mine-rsm")), TqdmReporter()])
             if qa_out:
                 summary["qa"] = qa_headline(build_report(opts.out, qa_out, args.manifest))
         else:
-            summary = mine_rsm(**params, progress_bar=True, qa_out=qa_out)
+            summary = mine_rsm(**(values | {"progress_bar": True}))
     except ShardsFailedError as exc:  # rc 1: a rerun resumes (and may succeed)
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -16,7 +16,7 @@ import socket
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,10 +29,6 @@ from flows.env import apply_offline_defaults
 
 class WorkerStartError(RuntimeError):
     """No shard-mining actor could start (bad model path, missing dependency, no resources)."""
-
-
-class InjectedShardFailure(RuntimeError):
-    """Raised by an actor for a shard listed in `fail_shards` (the fault-injection test hook)."""
 
 
 # ---------------------------------------------------------------------------------------------- cluster
@@ -151,15 +147,7 @@ class ShardMiner:
     def ready(self) -> dict[str, Any]:
         return self.info
 
-    def mine(
-        self, shard_id: int, rows: pa.Table, root: str, attempt: int, hook: str | None = None
-    ) -> ShardOutput:
-        if hook == "raise":
-            raise InjectedShardFailure(f"shard {shard_id}: failure injected by the fail_shards test hook")
-        if hook == "crash-once":
-            os._exit(17)  # the actor process dies mid-shard, as on OOM or a lost node
-        if hook == "hang-once":
-            time.sleep(24 * 3600)  # a stuck worker (deadlocked I/O, a hung GPU): only the watchdog ends it
+    def mine(self, shard_id: int, rows: pa.Table, root: str, attempt: int) -> ShardOutput:
         t0 = time.perf_counter()
         result = self.miner.mine(rows, root)
         return ShardOutput(
@@ -211,13 +199,22 @@ class _Slot:
 
 
 class ShardPool:
-    """A fixed-size pool of ShardMiner actors; use as a context manager (actors are killed on exit)."""
+    """A fixed-size pool of ShardMiner actors; use as a context manager (actors are killed on exit).
 
-    def __init__(self, config: dict[str, Any], plan: PoolPlan, start_timeout_s: float = 600.0):
+    actor_cls: ShardMiner or a subclass (tests inject faults with one; production code has no hooks).
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        plan: PoolPlan,
+        start_timeout_s: float = 600.0,
+        actor_cls: type[ShardMiner] = ShardMiner,
+    ):
         self.config = config
         self.plan = plan
         self.start_timeout_s = start_timeout_s
-        self._remote = ray.remote(ShardMiner).options(
+        self._remote = ray.remote(actor_cls).options(
             num_cpus=plan.cpus_per_worker, num_gpus=plan.gpus_per_worker, max_restarts=0, max_task_retries=0
         )
         self._slots: list[_Slot] = []
@@ -276,7 +273,6 @@ class ShardPool:
         root: str,
         accept: Callable[[ShardOutput], Any],
         max_retries: int = 2,
-        inject: Mapping[int, str] | None = None,
         tasks_per_worker: int = 2,
         shard_timeout_s: float | None = None,
     ) -> Iterator[ShardEvent]:
@@ -290,12 +286,9 @@ class ShardPool:
         actor's earlier queued shards and a replacement actor's start-up count in: set it well above
         both) gets its actor killed; the dead-actor path then replaces the actor and retries the
         shard, so one hung worker cannot stall the run.
-        inject (TEST HOOK): shard id -> "raise" (every attempt raises), "crash-once" (the actor
-        process exits during the first attempt) or "hang-once" (the first attempt never returns).
         """
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
-        inject = dict(inject or {})
         queue = deque((sid, 1) for sid in shard_ids)
         depth = max(1, tasks_per_worker)
         free = deque(slot for _ in range(depth) for slot in self._slots)  # one entry per free queue place
@@ -310,13 +303,7 @@ class ShardPool:
                 if slot.index in dead:
                     continue
                 sid, attempt = queue.popleft()
-                hook = inject.get(sid)
-                hook = (
-                    hook
-                    if hook == "raise" or (hook in ("crash-once", "hang-once") and attempt == 1)
-                    else None
-                )
-                ref = slot.actor.mine.remote(sid, rows_for(sid), root, attempt, hook)
+                ref = slot.actor.mine.remote(sid, rows_for(sid), root, attempt)
                 in_flight[ref] = (slot, sid, attempt, time.perf_counter())
             if not in_flight:  # shards left but every actor died and none may be replaced
                 while queue:
@@ -370,7 +357,6 @@ class ShardPool:
 
 
 __all__ = [
-    "InjectedShardFailure",
     "PoolPlan",
     "ShardEvent",
     "ShardMiner",

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from prefect.artifacts import (
     create_markdown_artifact,
@@ -20,13 +22,37 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
+from flows.options import MineOptions
+from flows.ray_workers import ShardEvent
 from qa.render import summary_markdown as qa_summary_markdown
+from storage.plan import RunPlan
 from storage.shards import committed_records
 
-if TYPE_CHECKING:
-    from flows.mine_rsm import MineOptions, MiningReport, Progress
-    from flows.ray_workers import ShardEvent
-    from storage.plan import RunPlan
+
+@dataclass
+class Progress:
+    n_done: int  # committed shards, this run and earlier ones
+    n_total: int
+    images: int = 0  # mined in this run
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(1e-9, time.perf_counter() - self.started)
+
+
+@dataclass
+class MiningReport:
+    """What the fan-out of this run did (shards committed earlier are not in here)."""
+
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    pool_reason: str = ""
+    ray_start_s: float = 0.0
+    workers_start_s: float = 0.0
+    fanout_s: float = 0.0
+    done: dict[int, ShardEvent] = field(default_factory=dict)
+    failed: dict[int, str] = field(default_factory=dict)
+    images: int = 0
 
 
 # ---------------------------------------------------------------------------------------------- summary

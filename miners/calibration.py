@@ -110,7 +110,7 @@ class Calibrator:
         if expect_fingerprint and raw.get("model_fingerprint") not in (None, expect_fingerprint):
             raise ValueError(
                 f"{path}: fitted for CLIP model {raw['model_fingerprint']}, not {expect_fingerprint}; "
-                "refit it with `python -m miners.calibrate`"
+                "refit it with `python -m miners.training.fit_calibrator`"
             )
         return cls(
             features=tuple(raw["features"]),

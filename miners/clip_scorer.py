@@ -18,8 +18,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
-from miners.encoders import encode_texts, image_embeddings, input_size_hw, normalisation, to_pixel_values
-from miners.trainer import pick_device
+from miners.encoders import (
+    encode_texts,
+    image_embeddings,
+    input_size_hw,
+    normalisation,
+    pick_device,
+    to_pixel_values,
+)
 
 CROP_MODES = ("box", "mask", "blur")
 
@@ -53,7 +59,7 @@ def load_clip(model_dir: str | Path, device: str = "auto"):
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"{model_dir}: not a CLIP model folder (no config.json); build one with "
-            "`python -m miners.bootstrap_clip` or save a real CLIP there with save_pretrained"
+            "`python -m miners.training.bootstrap` or save a real CLIP there with save_pretrained"
         )
     model = CLIPModel.from_pretrained(model_dir, local_files_only=True)
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)

@@ -17,6 +17,13 @@ import torch
 import torch.nn.functional as F
 
 
+def pick_device(name: str = "auto") -> torch.device:
+    """ "auto": CUDA when present, else the CPU; any other name is passed to torch as is."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 def input_size_hw(processor, default_hw: tuple[int, int] = (384, 128)) -> tuple[int, int]:
     """The (height, width) images are resized to: the processor's explicit size, else `default_hw`
     (pedestrian aspect, as IRRA's 384 x 128, run with interpolated position embeddings)."""

@@ -2,36 +2,24 @@
 
 Consumes an image path (already checked against its dataset root by the importer); produces an
 H x W x 3 uint8 array in the *displayed* orientation (EXIF transpose applied), or raises
-`ImageLoadError` whose `kind` is one of the status values written to the status shards. Nothing here
+`ImageLoadError` whose `kind` is one of the status values of `storage.schemas.ErrorKind`. Nothing here
 raises anything else for a bad file, so one corrupt image can never take down a shard.
 """
 
 from __future__ import annotations
 
 import warnings
-from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from storage.schemas import ErrorKind
+
 # Decompression-bomb guard: pedestrian crops are small, so anything above this many pixels is
 # hostile or a mistake. PIL's own global limit is left alone; we check before decoding.
 MAX_IMAGE_PIXELS = 40_000_000
 MIN_SIDE_PX = 8
-
-
-class ErrorKind(StrEnum):
-    """Per-row status values (besides "ok") written to the status shards."""
-
-    MISSING = "missing_image"
-    UNREADABLE = "unreadable_image"  # not an image / unknown format / permission
-    CORRUPT = "corrupt_image"  # header fine, pixel data broken or truncated
-    BOMB = "decompression_bomb"
-    TOO_SMALL = "image_too_small"
-    NO_REGIONS = "no_regions"
-    NO_SENTENCES = "no_sentences"
-    INTERNAL = "internal_error"
 
 
 class ImageLoadError(Exception):

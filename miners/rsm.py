@@ -18,24 +18,27 @@ import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import pyarrow as pa
 
 from miners.calibration import CALIBRATOR_FILENAME, Calibrator, default_calibrator
 from miners.clip_scorer import ClipScorer, ScorerConfig
-from miners.images import ErrorKind, ImageLoadError, load_rgb
+from miners.images import ImageLoadError, load_rgb
 from miners.matching import MatchConfig, UnitMatches, match_units
 from storage.rle import encode_mask
-from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA
+from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA, ErrorKind
 
 
 @dataclass(frozen=True)
 class RSMConfig:
+    """Every RSM setting and its default (the flow, its CLI and the deployments derive theirs from here)."""
+
     clip_model: str  # from_pretrained folder (tiny bootstrapped CLIP or a real one)
     proposer: str = "prior"  # prior | sam-prompted | sam-auto
     sam_checkpoint: str | None = None
-    sam_model_type: str = "vit_b"
+    sam_model_type: str = "vit_b"  # vit_b | vit_l | vit_h | tiny
     max_regions: int = 8
     crop_mode: str = "box"  # box | mask | blur
     split_clauses: bool = True
@@ -44,12 +47,23 @@ class RSMConfig:
     images_per_batch: int = 32
     device: str = "auto"
 
+    # Change speed, not output: not part of a run's identity (nor of the pairs' config_fingerprint)
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "images_per_batch")
+
+    def __post_init__(self) -> None:
+        if self.images_per_batch < 1:
+            raise ValueError(f"images_per_batch must be >= 1, got {self.images_per_batch}")
+
+    def identity_dict(self) -> dict:
+        """The fields that change the output, as plain JSON-able values."""
+        d = asdict(self)
+        for name in self.RUNTIME_FIELDS:
+            d.pop(name)
+        return d
+
     def fingerprint(self) -> str:
         """Hash of everything that changes the output (the device does not)."""
-        d = asdict(self)
-        d.pop("device")
-        d.pop("images_per_batch")
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.identity_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     @classmethod
     def from_dict(cls, d: dict) -> RSMConfig:

@@ -30,9 +30,8 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from miners.images import ErrorKind
 from storage.reader import read_run_manifest, verify_run
-from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA, check_version
+from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA, ErrorKind, check_version
 from storage.shards import PAIR_KEY, load_run_plan
 
 N_EXAMPLES = 5

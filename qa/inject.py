@@ -11,58 +11,38 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from miners.ground_truth import judge_pairs
+from miners.caption_noise import pick_donor, swap_unit
+from miners.metrics import auroc
+from miners.rsm import RSMConfig, RSMMiner
+from miners.run_config import RunConfig
 from qa.checks import scan_shards
-from qa.noise import posterior_noisy
+from qa.config import ReportConfig
+from qa.mixture import fit_mixture, posterior_noisy
+from storage.plan import RunPlan
 from storage.schemas import STATUS_SCHEMA
-
-if TYPE_CHECKING:
-    from qa.report import ReportConfig
-
-
-def _find_node(config: Any, key: str) -> dict | None:
-    """The first dict (breadth first) in a nested config that holds `key`: run configs nest freely."""
-    queue = [config]
-    while queue:
-        node = queue.pop(0)
-        if isinstance(node, dict):
-            if key in node:
-                return node
-            queue += list(node.values())
-    return None
-
-
-def find_config_value(config: Any, key: str) -> Any:
-    node = _find_node(config, key)
-    return None if node is None else node[key]
-
+from storage.truth import judge_pairs
 
 # ---------------------------------------------------------------------------------------------- injection
 
 
-def injection_rsm_config(run_config: dict, clip_model: str | None):
-    """RSMConfig for re-scoring: the run config's RSM fields (proposer, match, ...) with `clip_model`.
+def injection_rsm_config(run_config: RunConfig | None, clip_model: str | None) -> RSMConfig:
+    """RSMConfig for re-scoring: the run's RSM settings (proposer, match, ...) with `clip_model`.
 
     The run's calibrator file is dropped when the CLIP model differs (it is bound to its model)."""
-    from miners.rsm import RSMConfig
-
-    names = {f.name for f in dataclasses.fields(RSMConfig)} - {"device", "images_per_batch"}
-    node = _find_node(run_config, "proposer") or {}
-    kwargs = {k: v for k, v in node.items() if k in names}
-    run_clip = kwargs.pop("clip_model", None)
-    model = clip_model or run_clip
-    if model is None:
-        raise ValueError("--inject-noise needs --clip-model: the run config names no clip_model")
-    if run_clip is not None and str(run_clip) != str(model):
-        kwargs.pop("calibrator", None)
-    return RSMConfig.from_dict({**kwargs, "clip_model": str(model)})
+    if run_config is None:
+        if clip_model is None:
+            raise ValueError("--inject-noise needs --clip-model: the run has no readable run config")
+        return RSMConfig(clip_model=str(clip_model))
+    rsm = run_config.rsm
+    if clip_model is None or str(clip_model) == str(rsm.clip_model):
+        return rsm
+    return dataclasses.replace(rsm, clip_model=str(clip_model), calibrator=None)
 
 
 def _mean(values: np.ndarray) -> float | None:
@@ -73,13 +53,11 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def run_injection(plan, manifest_path: Path, status_files: list, cfg: ReportConfig) -> dict:
+def run_injection(
+    plan: RunPlan, run_config: RunConfig | None, manifest_path: Path, status_files: list, cfg: ReportConfig
+) -> dict:
     """Estimator check: swap a known fraction of text units for units of other persons' captions,
     re-score them with the RSM, and see how far the label-free estimates move (see the README)."""
-    from miners.rsm import RSMMiner
-    from qa.metrics import auroc
-    from qa.noise import fit_mixture
-
     # Audit subset: captions mined "ok", re-mined clean with the same miner so both sides compare
     rng = np.random.default_rng(cfg.seed)
     ok = (
@@ -98,7 +76,7 @@ def run_injection(plan, manifest_path: Path, status_files: list, cfg: ReportConf
         .sort("sample_id")
     )
     root = (pq.read_schema(manifest_path).metadata or {}).get(b"rsm.root", b"").decode() or plan.manifest_root
-    rsm_cfg = injection_rsm_config(plan.config, cfg.clip_model)
+    rsm_cfg = injection_rsm_config(run_config, cfg.clip_model)
     miner = RSMMiner(rsm_cfg)
     clean = pl.from_arrow(miner.mine(rows.to_arrow(), root).pairs)
     n = clean.height
@@ -122,20 +100,15 @@ def run_injection(plan, manifest_path: Path, status_files: list, cfg: ReportConf
     perturbed, spans = [], {}
     for t in targets:
         unit = clean.row(int(t), named=True)
-        candidates = pool[persons[pool] != persons[t]]
-        if not candidates.size:
+        d = pick_donor(rng, pool, persons, persons[t])
+        if d is None:
             continue
-        donor = clean["sentence"][int(candidates[rng.integers(candidates.size)])]
-        cap = captions[unit["sample_id"]]
         sid = f"{unit['sample_id']}#inject{int(t)}"
-        perturbed.append(
-            {
-                **row_of[unit["sample_id"]],
-                "sample_id": sid,
-                "caption": cap[: unit["char_start"]] + donor + cap[unit["char_end"] :],
-            }
+        caption, span = swap_unit(
+            captions[unit["sample_id"]], unit["char_start"], unit["char_end"], clean["sentence"][d]
         )
-        spans[sid] = (int(t), unit["char_start"], unit["char_start"] + len(donor))
+        perturbed.append({**row_of[unit["sample_id"]], "sample_id": sid, "caption": caption})
+        spans[sid] = (int(t), *span)
     mined = pl.from_arrow(
         miner.mine(pa.Table.from_pylist(perturbed, schema=rows.to_arrow().schema), root).pairs
     )

@@ -24,7 +24,6 @@ import json
 import math
 import sys
 import time
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,42 +32,19 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
-from qa import plots
+from miners.run_config import RunConfig, RunConfigError, read_run_config
+from qa import plots, sheets
 from qa.checks import run_checks, scan_shards
-from qa.inject import find_config_value, injection_rsm_config, run_injection
-from qa.noise import (
-    BREAKDOWN_KEYS,
-    MIXTURE_KINDS,
-    add_true_breakdowns,
-    column_range,
-    fit_mixture_lazy,
-    judge_run,
-    label_free_figures,
-    load_ground_truth,
-    posterior_noisy,
-    score_histogram,
-    truth_figures,
-)
+from qa.config import ReportConfig
+from qa.inject import injection_rsm_config, run_injection
+from qa.mixture import MIXTURE_KINDS, posterior_noisy
+from qa.noise import BREAKDOWN_KEYS, column_range, fit_mixture_lazy, label_free_figures, score_histogram
 from qa.render import render_html, render_markdown, summary_markdown
+from qa.truth import add_true_breakdowns, judge_run, load_ground_truth, truth_figures
 from storage.schemas import PAIRS_SCHEMA
 from storage.shards import ShardStoreError, load_run_plan
 
 HIST_SCORES = ("reliability", "clip_cosine", "softmax_prob", "margin")
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    sheet_samples: int = 24  # per band; 0 draws no sheets
-    seed: int = 0
-    mixture_score: str = "clip_cosine"  # any numeric pairs column (per-pair similarity, as in RDE)
-    mixture_kind: str = "gaussian"  # gaussian | beta (beta needs a score in [0, 1])
-    check_hashes: bool = True  # sha256 every listed file (reads every byte)
-    ground_truth: bool = True  # judge pairs against the manifest's gt_links where present
-    allow_partial: bool = False  # report on the committed shards of an unfinished run
-    inject_noise: float | None = None  # fraction of text units to swap (estimator check)
-    clip_model: str | None = None  # for the injection; default: the run config's
-    inject_max_samples: int = 512  # captions re-mined for the injection
-    ece_bins: int = 10
 
 
 def _json_safe(value: Any) -> Any:
@@ -111,6 +87,10 @@ def build_report(
             f"{cfg.mixture_kind!r} one of {MIXTURE_KINDS}"
         )
     plan = load_run_plan(pairs_dir)
+    try:
+        run_cfg: RunConfig | None = read_run_config(pairs_dir)
+    except RunConfigError:
+        run_cfg = None  # another release's run: label-free figures and checks still work
     manifest_path = Path(manifest) if manifest is not None else Path(plan.manifest_path)
     if not manifest_path.is_file():
         if manifest is not None:
@@ -121,7 +101,7 @@ def build_report(
             raise FileNotFoundError(
                 f"--inject-noise needs the dataset manifest ({plan.manifest_path} is gone)"
             )
-        injection_rsm_config(plan.config, cfg.clip_model)
+        injection_rsm_config(run_cfg, cfg.clip_model)
     root = plan.manifest_root
     if manifest_path is not None:
         meta = pq.read_schema(manifest_path).metadata or {}
@@ -139,7 +119,7 @@ def build_report(
     n_pairs = lf.select(pl.len()).collect().item()
     fit = fit_mixture_lazy(lf, cfg.mixture_score, cfg.mixture_kind) if n_pairs else None
     qa: dict[str, Any] = label_free_figures(lf, fit, cfg.mixture_score)
-    keep_threshold = find_config_value(plan.config, "keep_threshold")
+    keep_threshold = run_cfg.rsm.match.keep_threshold if run_cfg is not None else None
     if keep_threshold is None and qa["pairs_kept"]:
         keep_threshold = lf.filter(pl.col("kept")).select(pl.col("reliability").min()).collect().item()
     hists = {}
@@ -185,8 +165,8 @@ def build_report(
         figures["reliability_diagram"] = plots.plot_reliability_diagram(
             truth["reliability_bins"], truth["ece"], out / "reliability_diagram.png"
         ).name
-    sheets = (
-        plots.draw_sheets(checks.pairs_files, out, manifest_path, root, gt, cfg.sheet_samples, cfg.seed)
+    sheet_files = (
+        sheets.draw_sheets(checks.pairs_files, out, manifest_path, root, gt, cfg.sheet_samples, cfg.seed)
         if cfg.sheet_samples > 0
         else {}
     )
@@ -196,7 +176,7 @@ def build_report(
     injection = None
     if cfg.inject_noise is not None:
         t = time.perf_counter()
-        injection = run_injection(plan, manifest_path, checks.status_files, cfg)
+        injection = run_injection(plan, run_cfg, manifest_path, checks.status_files, cfg)
         seconds["injection"] = time.perf_counter() - t
 
     qa = {
@@ -220,7 +200,7 @@ def build_report(
         "breakdowns": qa["breakdowns"],
         "histograms": {k: {n: v.tolist() for n, v in h.items()} for k, h in hists.items()},
         "figures": figures,
-        "sheets": sheets,
+        "sheets": sheet_files,
         "injection": injection,
         "config": dataclasses.asdict(cfg),
     }

@@ -47,7 +47,8 @@ class RunPlan:
 
     manifest_path: str  # absolute: Ray workers do not share the driver's working directory
     manifest_fingerprint: str  # sha256 of the manifest content in sorted row order (not of its bytes)
-    config_fingerprint: str  # sha256 of the canonical JSON of `config`
+    # sha256 of the canonical JSON of `config` (not the pairs column config_fingerprint)
+    run_config_sha256: str
     shard_size: int
     run_id: str
     n_rows: int
@@ -178,7 +179,7 @@ def plan_shards(manifest_path: str | Path, shard_size: int, config: dict[str, An
     return RunPlan(
         manifest_path=str(Path(manifest_path).resolve()),
         manifest_fingerprint=manifest_fp,
-        config_fingerprint=config_fp,
+        run_config_sha256=config_fp,
         shard_size=shard_size,
         run_id=_sha256_text(run_key)[:16],
         n_rows=n,

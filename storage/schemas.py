@@ -7,6 +7,8 @@ versions. Every Parquet file the project writes carries `rsm.schema` (which tabl
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 import pyarrow as pa
 
 SCHEMA_KEY = b"rsm.schema"
@@ -63,11 +65,28 @@ PAIRS_SCHEMA = pa.schema(
         pa.field("reliability", pa.float32(), nullable=False),  # calibrated P(pair correct), in [0, 1]
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("clip_fingerprint", pa.string(), nullable=False),
+        # the miner's fingerprint: RSMConfig hash + calibrator id (not the run plan's run_config_sha256)
         pa.field("config_fingerprint", pa.string(), nullable=False),
     ]
 )
 
-# Exactly one row per manifest row. status is "ok" or an error kind (see miners.images.ErrorKind).
+STATUS_OK = "ok"
+
+
+class ErrorKind(StrEnum):
+    """The status vocabulary: every status-shard row is "ok" (`STATUS_OK`) or one of these kinds."""
+
+    MISSING = "missing_image"
+    UNREADABLE = "unreadable_image"  # not an image / unknown format / permission
+    CORRUPT = "corrupt_image"  # header fine, pixel data broken or truncated
+    BOMB = "decompression_bomb"
+    TOO_SMALL = "image_too_small"
+    NO_REGIONS = "no_regions"
+    NO_SENTENCES = "no_sentences"
+    INTERNAL = "internal_error"
+
+
+# Exactly one row per manifest row. status is STATUS_OK or an ErrorKind value.
 STATUS_SCHEMA = pa.schema(
     [
         pa.field("sample_id", pa.string(), nullable=False),

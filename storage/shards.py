@@ -305,7 +305,7 @@ def _conflicts(stored: RunPlan, plan: RunPlan) -> list[str]:
             f"the MANIFEST changed ({stored.manifest_path} sha256 {stored.manifest_fingerprint[:12]} -> "
             f"{plan.manifest_path} sha256 {plan.manifest_fingerprint[:12]})"
         )
-    if stored.config_fingerprint != plan.config_fingerprint:
+    if stored.run_config_sha256 != plan.run_config_sha256:
         old, new = _flat(stored.config), _flat(plan.config)
         keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
         changed.append(f"the CONFIG changed (keys {keys[:10]})")
@@ -508,7 +508,7 @@ def build_run_manifest(plan: RunPlan, records: list[dict[str, Any]], finalized: 
         "created_at": _now(),
         "manifest_path": plan.manifest_path,
         "manifest_fingerprint": plan.manifest_fingerprint,
-        "config_fingerprint": plan.config_fingerprint,
+        "run_config_sha256": plan.run_config_sha256,
         "shard_size": plan.shard_size,
         "schema_versions": SCHEMA_VERSIONS,
         "n_shards": len(plan.shards),

@@ -33,7 +33,7 @@ def tiny_clip_dir(tiny_dataset, tmp_path_factory) -> Path:
     """An untrained tiny CLIP saved in the from_pretrained layout, vocabulary from the tiny dataset."""
     import pyarrow.parquet as pq
 
-    from miners.tiny_clip import TinyClipConfig, build_model, build_processor, build_tokenizer
+    from miners.training.tiny_clip import TinyClipConfig, build_model, build_processor, build_tokenizer
 
     cfg = TinyClipConfig(vision_layers=1, text_layers=1, vision_width=64, text_width=64, embed_dim=64)
     captions = pq.read_table(tiny_dataset / "manifest.parquet")["caption"].to_pylist()
@@ -48,15 +48,14 @@ def tiny_clip_dir(tiny_dataset, tmp_path_factory) -> Path:
 def tiny_run(tiny_dataset, tiny_clip_dir, tmp_path_factory) -> Path:
     """The tiny dataset mined with the tiny CLIP and committed as a finalized shard run (3 shards),
     through the storage layer directly (no Ray/Prefect: those are tested in tests/flows)."""
-    from dataclasses import asdict
-
     from miners.rsm import RSMConfig, RSMMiner
+    from miners.run_config import run_config_for
     from storage.plan import load_shard_rows, plan_shards
     from storage.shards import begin_run, commit_shard, finalize_run
 
     cfg = RSMConfig(clip_model=str(tiny_clip_dir))
     out = tmp_path_factory.mktemp("tiny_run") / "shards"
-    plan = plan_shards(tiny_dataset / "manifest.parquet", 12, asdict(cfg))
+    plan = plan_shards(tiny_dataset / "manifest.parquet", 12, run_config_for(cfg).to_dict())
     miner = RSMMiner(cfg)
     for shard_id in begin_run(out, plan):
         rows = load_shard_rows(plan, shard_id)

@@ -1,7 +1,7 @@
 """The `mine-rsm` flow end to end on a real local Ray and a temporary Prefect API.
 
 Runs the flow on the tiny synthetic dataset (36 rows, shards of 8) and checks the exactly-once contract
-through the readers, resume after a failed shard (the `fail_shards` test hook), reruns that change
+through the readers, resume after a failed shard (a fault-injecting actor class, tests/faults.py), reruns that change
 nothing, refusal of a changed config, the CLI and the Prefect artifacts. Ray starts once per module.
 """
 
@@ -15,12 +15,14 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from prefect import flow
 
-from flows.mine_rsm import ShardsFailedError, main, mine_rsm
-from flows.ray_workers import PoolPlan, ShardPool, plan_pool
-from storage.plan import load_shard_rows, plan_shards
+from flows.mine_rsm import ShardsFailedError, _as_task, main, mine_rsm, run_mining
+from flows.options import build_options, params_from
+from flows.reporting import LogReporter
 from storage.reader import read_pairs, read_run_manifest, read_status, scan_pairs, scan_status, verify_run
 from storage.shards import RunConflictError, pairs_name, stats_name, status_name
+from tests.faults import faulty_miner
 
 pytestmark = pytest.mark.timeout(300)
 SHARD_SIZE = 8
@@ -57,6 +59,16 @@ def params(tiny_dataset, tiny_clip_dir) -> dict:
         "shard_size": SHARD_SIZE,
         "max_retries": 1,
     }
+
+
+@flow(name="mine-rsm-faulty")
+def faulty_flow(out: str, faults: dict[int, str], **params) -> dict:
+    """The mine-rsm pipeline as a flow, with actors that fail on `faults` (shard id -> fault)."""
+    import logging
+
+    opts = build_options(params_from(out=out, **params))
+    reporters = [LogReporter(logging.getLogger("mine-rsm-faulty"))]
+    return run_mining(opts, reporters, stage=_as_task, actor_cls=faulty_miner(faults))
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +147,11 @@ def test_flow_publishes_progress_and_summary_artifacts(reference):
         artifacts = {a.key: a for a in client.read_artifacts(flow_run_filter=run_filter)}
     assert {"mine-rsm-progress", "mine-rsm-summary", "mine-rsm-shards"} <= set(artifacts)
     assert float(artifacts["mine-rsm-progress"].data) == pytest.approx(100.0)
-    assert "36" in artifacts["mine-rsm-summary"].data and "complete" in artifacts["mine-rsm-summary"].data
+    summary = state.result()
+    markdown = artifacts["mine-rsm-summary"].data
+    assert f"| manifest rows | {summary['manifest_rows']} |" in markdown, markdown
+    assert f"| pairs / kept | {summary['pairs']} / {summary['kept_pairs']} |" in markdown
+    assert f"run `{summary['run_id']}`: complete" in markdown
     table = json.loads(artifacts["mine-rsm-shards"].data)
     assert [row["shard_id"] for row in table] == list(range(state.result()["n_shards"]))
 
@@ -147,7 +163,7 @@ def test_failed_shard_fails_the_flow_and_a_rerun_resumes_only_it(reference, para
     out = tmp_path / "shards"
 
     # First run: shard `bad` raises on every attempt; the others commit
-    state = mine_rsm(out=str(out), **params, fail_shards=[bad], return_state=True)
+    state = faulty_flow(out=str(out), faults={bad: "raise"}, **params, return_state=True)
     assert state.is_failed() and f"shard {bad}" in state.message
     with pytest.raises(ShardsFailedError, match=rf"shard {bad}: InjectedShardFailure"):
         state.result()
@@ -182,7 +198,7 @@ def test_rerun_of_a_finished_run_adds_and_changes_nothing(reference, params):
 def test_changed_config_is_refused_with_a_clear_message(reference, params, capsys):
     out, _ = reference
     before = snapshot(out)
-    with pytest.raises(RunConflictError, match=r"CONFIG changed \(keys \['crop_mode'\]\)"):
+    with pytest.raises(RunConflictError, match=r"CONFIG changed \(keys \['rsm.crop_mode'\]\)"):
         mine_rsm(out=str(out), **params, crop_mode="mask")
     argv = ["--manifest", params["manifest"], "--out", str(out), "--clip-model", params["clip_model"]]
     rc = main([*argv, "--shard-size", str(SHARD_SIZE), "--match-mode", "clip", "--no-prefect"])
@@ -195,46 +211,6 @@ def test_cli_requires_a_clip_model(params, tmp_path, capsys):
     rc = main(["--manifest", params["manifest"], "--out", str(tmp_path / "o"), "--no-prefect"])
     assert rc == 2 and "--clip-model" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
-
-
-def test_pool_size_follows_pending_shards_resources_and_cap():
-    cpu_only = {"CPU": 16.0}
-    assert plan_pool(3, cpu_only).n_workers == 3
-    assert plan_pool(40, cpu_only).n_workers == 16
-    assert plan_pool(40, cpu_only, max_workers=4).n_workers == 4
-    gpus = plan_pool(40, {"CPU": 16.0, "GPU": 2.0})
-    assert (gpus.n_workers, gpus.gpus_per_worker) == (2, 1.0)
-    half = plan_pool(40, {"CPU": 16.0, "GPU": 2.0}, gpus_per_worker=0.5)
-    assert (half.n_workers, half.gpus_per_worker) == (4, 0.5)
-    assert plan_pool(5, {"CPU": 0.5}).n_workers == 1  # never zero workers
-    with pytest.raises(ValueError, match="max_workers"):
-        plan_pool(5, cpu_only, max_workers=0)
-
-
-def test_pool_replaces_a_dead_actor_and_remines_its_shard(ray_local, params):
-    plan = plan_shards(params["manifest"], SHARD_SIZE, {"test": "pool"})
-    config = {"clip_model": params["clip_model"], "images_per_batch": 4}
-    accepted = []
-    with ShardPool(config, PoolPlan(1, 1.0, 0.0, "test")) as pool:
-        first_pid = pool.start_infos()[0]["pid"]
-        events = list(
-            pool.run(
-                [0, 1, 2],
-                rows_for=lambda sid: load_shard_rows(plan, sid),
-                root=plan.manifest_root,
-                accept=accepted.append,
-                max_retries=1,
-                inject={1: "crash-once"},
-            )
-        )
-    done = {e.shard_id: e for e in events if e.kind == "done"}
-    retries = [e for e in events if e.kind == "retry"]
-    assert sorted(done) == [0, 1, 2] and not [e for e in events if e.kind == "failed"]
-    assert 1 in {e.shard_id for e in retries} and all("worker died" in e.error for e in retries)
-    assert done[1].attempt == 2 and done[1].output.worker["pid"] != first_pid
-    assert sorted(o.shard_id for o in accepted) == [0, 1, 2]
-    for sid, event in done.items():  # every row of the shard is accounted for
-        assert event.output.status.num_rows == plan.shard(sid).n_rows
 
 
 def test_flow_writes_the_qa_report_and_publishes_it(reference, params, tmp_path):
@@ -254,25 +230,3 @@ def test_flow_writes_the_qa_report_and_publishes_it(reference, params, tmp_path)
     assert {"rsm-qa-summary", "rsm-qa-figures"} <= set(artifacts)
     figures = {row["figure"]: row["value"] for row in json.loads(artifacts["rsm-qa-figures"].data)}
     assert figures["pairs_total"] == qa["pairs_total"]
-
-
-def test_pool_kills_a_stuck_worker_after_the_shard_timeout(ray_local, params):
-    plan = plan_shards(params["manifest"], SHARD_SIZE, {"test": "timeout"})
-    config = {"clip_model": params["clip_model"], "images_per_batch": 4}
-    with ShardPool(config, PoolPlan(1, 1.0, 0.0, "test")) as pool:
-        events = list(
-            pool.run(
-                [0, 1],
-                rows_for=lambda sid: load_shard_rows(plan, sid),
-                root=plan.manifest_root,
-                accept=lambda output: None,
-                max_retries=1,
-                inject={0: "hang-once"},
-                tasks_per_worker=1,
-                shard_timeout_s=20.0,  # above a replacement actor's start-up on a loaded 2-core CI box
-            )
-        )
-    retries = [e for e in events if e.kind == "retry"]
-    done = {e.shard_id: e for e in events if e.kind == "done"}
-    assert [e.shard_id for e in retries] == [0] and "timed out" in retries[0].error
-    assert sorted(done) == [0, 1] and done[0].attempt == 2

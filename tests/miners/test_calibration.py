@@ -5,7 +5,7 @@ import pytest
 
 from miners.calibration import Calibrator, default_calibrator, fit_calibrator
 from miners.matching import UnitMatches
-from qa.metrics import expected_calibration_error
+from miners.metrics import expected_calibration_error
 
 
 def _matches(n, rng):

@@ -7,7 +7,7 @@ import torch
 from miners.clip_scorer import ClipScorer, ScorerConfig, load_clip
 from miners.encoders import box_patch_weights
 from miners.regions import Regions
-from miners.tiny_clip import EOS_ID, TinyClipConfig, build_model, build_processor, build_tokenizer
+from miners.training.tiny_clip import EOS_ID, TinyClipConfig, build_model, build_processor, build_tokenizer
 
 
 def test_tiny_clip_round_trips_through_from_pretrained(tmp_path):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from miners.images import ErrorKind, ImageLoadError, load_rgb
+from miners.images import ImageLoadError, load_rgb
+from storage.schemas import ErrorKind
 
 
 def _png(path, size=(32, 64), mode="RGB"):

@@ -103,7 +103,7 @@ def test_prior_fits_the_drawn_figure_and_zones_follow_it(box):
 
 
 def test_prior_zones_hold_the_parts_of_synthetic_pedestrians():
-    synth_draw = pytest.importorskip("storage.synth_draw")
+    synth_draw = pytest.importorskip("storage.synth.draw")
     hits, fallback_hits = [], []
     for i in range(40):
         rng = np.random.default_rng([7, i])

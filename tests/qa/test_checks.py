@@ -13,8 +13,9 @@ from qa.checks import check_non_null, run_checks
 from storage.plan import plan_shards
 from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA, with_version
 from storage.shards import begin_run, commit_shard, finalize_run
+from tests.factories import pair_row, run_config, status_row
 
-CONFIG = {"rsm": {"clip_model": "models/none", "proposer": "prior", "match": {"keep_threshold": 0.5}}}
+CONFIG = run_config()
 N_IMAGES = 4
 UNITS = 3
 
@@ -42,36 +43,23 @@ def write_manifest(path: Path, n_images: int = N_IMAGES) -> Path:
     return path
 
 
-def pair_row(sample: dict, unit: int, **overrides) -> dict:
-    row = {
-        "sample_id": sample["sample_id"],
-        "image_id": sample["image_id"],
-        "person_id": sample["person_id"],
-        "split": sample["split"],
-        "caption_index": 0,
+def unit_pair(sample: dict, unit: int, **overrides) -> dict:
+    """Unit `unit` (0..2) of `sample`: head / upper / feet regions, reliability 0.3 / 0.5 / 0.7."""
+    values = {
         "sentence_index": unit,
         "sentence": f"unit {unit}",
         "char_start": 12 * unit,
         "char_end": 12 * unit + 10,
         "part_tags": ["upper"] if unit == 1 else [],
         "region_id": unit,
-        "region_source": "prior",
         "region_label": ["head", "upper", "feet"][unit],
         "bbox_xyxy": [2.0, 10.0 * unit, 30.0, 10.0 * unit + 20],
-        "mask_rle": None,
-        "region_quality": 1.0,
-        "clip_cosine": 0.2,
         "softmax_prob": 0.4,
         "margin": 0.05,
-        "mutual_best": True,
-        "part_agreement": 0.5,
         "reliability": 0.3 + 0.2 * unit,
         "kept": 0.3 + 0.2 * unit >= 0.5,
-        "clip_fingerprint": "clip-0",
-        "config_fingerprint": "cfg-0",
     }
-    row.update(overrides)
-    return row
+    return pair_row(sample, **(values | overrides))
 
 
 def make_run(tmp_path: Path, edit=None) -> tuple[Path, Path]:
@@ -86,7 +74,7 @@ def make_run(tmp_path: Path, edit=None) -> tuple[Path, Path]:
         pairs, status = [], []
         for s in samples:
             bad = s["image_id"].endswith(f"{N_IMAGES - 1:04d}.png")
-            rows = [] if bad else [pair_row(s, u) for u in range(UNITS)]
+            rows = [] if bad else [unit_pair(s, u) for u in range(UNITS)]
             pairs += rows
             status.append(
                 {
@@ -251,12 +239,8 @@ def test_unfinished_run_is_readable_only_as_partial(tmp_path):
     plan = plan_shards(manifest, 2, CONFIG)
     begin_run(out, plan)
     samples = plan.rows_for(0).to_pylist()
-    status = [
-        {"sample_id": s["sample_id"], "image_id": s["image_id"], "status": "ok", "error_message": None}
-        | {"n_regions": 3, "n_sentences": 1, "n_pairs": 1, "n_kept": 0}
-        for s in samples
-    ]
-    pairs = [pair_row(s, 0) for s in samples]
+    status = [status_row(s, n_regions=3, n_sentences=1, n_pairs=1, n_kept=0) for s in samples]
+    pairs = [unit_pair(s, 0) for s in samples]
     commit_shard(
         out,
         plan,

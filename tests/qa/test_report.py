@@ -3,7 +3,6 @@ a self-contained HTML page, and the injected-noise estimator check."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 from pathlib import Path
@@ -14,12 +13,13 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from miners.ground_truth import judge_pairs, pair_quality
 from qa.report import build_report, main, summary_markdown
 from storage.plan import plan_shards
 from storage.reader import read_pairs
 from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA, with_version
 from storage.shards import begin_run, commit_shard, finalize_run
+from storage.truth import judge_pairs, pair_quality
+from tests.factories import pair_row, run_config, status_row
 
 CAPTION = "Red hat on top. Blue shirt worn. Black pants below. Walks fast."
 PHRASES = [("Red hat", 0), ("Blue shirt", 1), ("Black pants", 2)]
@@ -35,7 +35,7 @@ PLAN = {
     "b": [(0, 0.83), (1, 0.64), (0, 0.56), (1, 0.12)],  # correct, correct, wrong, wrong
 }
 CORRECT = {"a": [True, False, True, False], "b": [True, True, False, False]}
-CONFIG = {"rsm": {"clip_model": "models/none", "proposer": "prior", "match": {"keep_threshold": 0.5}}}
+CONFIG = run_config()
 
 
 def _units() -> list[tuple[int, int]]:
@@ -88,42 +88,27 @@ def make_known_run(tmp_path: Path) -> tuple[Path, Path]:
         pairs = []
         for u, ((s, e), (rid, rel)) in enumerate(zip(_units(), PLAN[name], strict=True)):
             pairs.append(
-                {
-                    **{
-                        k: sample[k] for k in ("sample_id", "image_id", "person_id", "split", "caption_index")
-                    },
-                    "sentence_index": u,
-                    "sentence": CAPTION[s:e],
-                    "char_start": s,
-                    "char_end": e,
-                    "part_tags": [REGIONS[u]["label"]] if u < 3 else [],
-                    "region_id": rid,
-                    "region_source": "prior",
-                    "region_label": REGIONS[rid]["label"],
-                    "bbox_xyxy": REGIONS[rid]["bbox"],
-                    "mask_rle": None,
-                    "region_quality": 1.0,
-                    "clip_cosine": rel / 2,
-                    "softmax_prob": rel,
-                    "margin": 0.1,
-                    "mutual_best": True,
-                    "part_agreement": 1.0,
-                    "reliability": rel,
-                    "kept": rel >= 0.5,
-                    "clip_fingerprint": "clip-0",
-                    "config_fingerprint": "cfg-0",
-                }
+                pair_row(
+                    sample,
+                    sentence_index=u,
+                    sentence=CAPTION[s:e],
+                    char_start=s,
+                    char_end=e,
+                    part_tags=[REGIONS[u]["label"]] if u < 3 else [],
+                    region_id=rid,
+                    region_label=REGIONS[rid]["label"],
+                    bbox_xyxy=REGIONS[rid]["bbox"],
+                    clip_cosine=rel / 2,
+                    softmax_prob=rel,
+                    margin=0.1,
+                    part_agreement=1.0,
+                    reliability=rel,
+                    kept=rel >= 0.5,
+                )
             )
-        status = {
-            "sample_id": sample["sample_id"],
-            "image_id": sample["image_id"],
-            "status": "ok",
-            "error_message": None,
-            "n_regions": 3,
-            "n_sentences": 4,
-            "n_pairs": 4,
-            "n_kept": sum(p["kept"] for p in pairs),
-        }
+        status = status_row(
+            sample, n_regions=3, n_sentences=4, n_pairs=4, n_kept=sum(p["kept"] for p in pairs)
+        )
         commit_shard(
             out,
             plan,
@@ -219,7 +204,7 @@ def test_cli_on_a_mined_run_writes_every_output(mined_run, tmp_path):
     assert not re.search(r"""src=["'](?!data:)""", page) and 'src="file' not in page
     assert page.count("data:image/png;base64,") == len(pngs)
     md = (out_dir / "report.md").read_text()
-    assert all(name in md for name in pngs)
+    assert pngs and all(name in md for name in pngs)
 
 
 def test_report_refuses_bad_inputs(mined_run, tmp_path):
@@ -228,41 +213,7 @@ def test_report_refuses_bad_inputs(mined_run, tmp_path):
         build_report(mined_run, mined_run / "qa")
 
 
-def test_injected_noise_is_reported_at_the_requested_rate(mined_run, tiny_clip_dir, tmp_path):
-    fraction = 0.25
-    qa = build_report(
-        mined_run,
-        tmp_path / "qa",
-        sheet_samples=0,
-        inject_noise=fraction,
-        clip_model=str(tiny_clip_dir),
-        inject_max_samples=12,
-        seed=7,
-    )
-    inj = qa["injection"]
-    assert inj["captions"] == 12 and inj["lost"] <= 1
-    assert abs(inj["injected"] - fraction * inj["units"]) <= 1
-    assert inj["injected_rate"] == pytest.approx(fraction, abs=1 / inj["units"])
-    assert 0.0 <= inj["auroc_clean_vs_injected"] <= 1.0
-    assert 0.0 <= inj["injected_kept_fraction"] <= 1.0
-    assert inj["recovered_rate"] == pytest.approx(inj["estimated_noise_mixed"] - inj["estimated_noise_clean"])
-    assert "true_noise_rise" in inj
-    assert "injected rate" in (tmp_path / "qa" / "report.md").read_text()
-
-
 @pytest.fixture(scope="module")
-def mined_run(tiny_dataset, tiny_clip_dir, tmp_path_factory) -> Path:
-    """The tiny dataset mined through RSMMiner into a committed, finalized run (3 shards)."""
-    from miners.rsm import RSMConfig, RSMMiner
-
-    cfg = RSMConfig(clip_model=str(tiny_clip_dir))
-    manifest = tiny_dataset / "manifest.parquet"
-    out = tmp_path_factory.mktemp("mined") / "run"
-    plan = plan_shards(manifest, 12, {"rsm": dataclasses.asdict(cfg)})
-    begin_run(out, plan)
-    miner = RSMMiner(cfg)
-    for spec in plan.shards:
-        result = miner.mine(plan.rows_for(spec.shard_id), plan.manifest_root)
-        commit_shard(out, plan, spec.shard_id, result.pairs, result.status)
-    finalize_run(out, plan)
-    return out
+def mined_run(tiny_run) -> Path:
+    """The tiny dataset mined through RSMMiner into a committed, finalized run (tests/conftest.py)."""
+    return tiny_run

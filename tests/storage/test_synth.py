@@ -13,9 +13,10 @@ from PIL import Image
 
 from storage.rle import decode_mask, mask_to_box_xyxy
 from storage.schemas import BODY_PARTS
-from storage.synth import CONFIG_FILE, IDENTITIES_FILE, generate, main, processed_tokens
-from storage.synth_draw import PALETTE_RGB, person_from_json
-from storage.synth_text import _COLOUR_WORDS, _UNGROUNDED
+from storage.synth.__main__ import main
+from storage.synth.draw import PALETTE_RGB, person_from_json
+from storage.synth.generate import CONFIG_FILE, IDENTITIES_FILE, generate, processed_tokens
+from storage.synth.text import _COLOUR_WORDS, _UNGROUNDED
 
 N_IDS, K_IMGS = 6, 3
 
@@ -49,6 +50,7 @@ def test_different_seed_differs(bench, tmp_path):
     a, b = _files(out), _files(other)
     assert a["pvlg.json"] != b["pvlg.json"]
     shared_pngs = [n for n in a if n.endswith(".png") and n in b]
+    assert shared_pngs, "the two seeds share no image path to compare"
     assert all(a[n] != b[n] for n in shared_pngs)
 
 

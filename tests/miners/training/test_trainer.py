@@ -7,11 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from miners.bootstrap_clip import main as bootstrap_main
 from miners.clip_scorer import load_clip
-from miners.train_data import build_clip_data
 from miners.train_rogle import main as rogle_main
-from miners.trainer import TrainConfig, Trainer, identity_aware_loss, local_alignment_loss
+from miners.training.bootstrap import main as bootstrap_main
+from miners.training.data import build_clip_data
+from miners.training.trainer import TrainConfig, Trainer, identity_aware_loss, local_alignment_loss
 
 
 def test_identity_aware_loss_treats_same_person_as_positive():
@@ -115,6 +115,9 @@ def test_train_rogle_cli_smoke(tiny_run, tmp_path, flags, capsys):
     assert (out / "curves.png").is_file() and (out / "checkpoint" / "trainer_state.pt").is_file()
     args = json.loads((out / "run_args.json").read_text())
     assert (args["local_pairs"] == 0) == ("--no-local" in flags)
+    if "--no-local" not in flags:  # uniform weights are all 1; reliabilities of the tiny run are not
+        uniform = args["local_weight_mean"] == pytest.approx(1.0)
+        assert uniform == ("--no-reliability" in flags), args["local_weight_mean"]
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
     assert ("loss_local" in history[0]) == ("--no-local" not in flags)
     assert "R1" in capsys.readouterr().out

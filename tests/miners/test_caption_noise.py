@@ -3,8 +3,8 @@
 import pyarrow.compute as pc
 import pytest
 
+from miners.caption_noise import shuffle_caption_units
 from miners.captions import CaptionSplitter
-from miners.noise import shuffle_caption_units
 from storage.manifest import read_manifest
 
 

@@ -9,21 +9,19 @@ a `pvlg`-format dataset (README "The pvlg format") under an output directory:
     DIR/synth_identities.json                      each identity's clothing attributes (for audits)
 
 Every random stream is seeded from (seed, stream, identity[, image]), so the output is byte-identical
-for a seed whatever the number of worker processes. Drawing lives in `storage.synth_draw`, captions in
-`storage.synth_text`.
+for a seed whatever the number of worker processes. Drawing lives in `storage.synth.draw`, captions in
+`storage.synth.text`.
 
-    python -m storage.synth --out DIR --identities 2500 --images-per-id 4 --seed 0
+The command line is `python -m storage.synth` (storage/synth/__main__.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing as mp
 import os
 import re
 import shutil
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,8 +31,8 @@ from PIL import Image
 
 from storage.rle import encode_mask, mask_to_box_xyxy
 from storage.schemas import BODY_PARTS
-from storage.synth_draw import MIN_PART_PX, PersonAttrs, draw_image, sample_person
-from storage.synth_text import SceneFacts, build_caption
+from storage.synth.draw import MIN_PART_PX, PersonAttrs, draw_image, sample_person
+from storage.synth.text import SceneFacts, build_caption
 
 SYNTH_VERSION = "1"
 ANNOTATION_FILE = "pvlg.json"
@@ -244,44 +242,3 @@ def generate(
         "workers": workers,
         "seconds": round(time.perf_counter() - start, 2),
     }
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m storage.synth", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="output directory (must be empty, or see --overwrite)")
-    parser.add_argument("--identities", type=int, required=True, help="number of identities (>= 1)")
-    parser.add_argument("--images-per-id", type=int, required=True, help="images per identity (>= 1)")
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument(
-        "--test-fraction", type=float, default=0.25, help="share of identities in the test split"
-    )
-    parser.add_argument("--width", type=int, default=128, help="image width, pixels")
-    parser.add_argument("--height", type=int, default=256, help="image height, pixels")
-    parser.add_argument("--captions-per-image", type=int, default=2)
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: CPU count)")
-    parser.add_argument(
-        "--overwrite", action="store_true", help="replace a previous synthetic benchmark in --out"
-    )
-    args = parser.parse_args(argv)
-    try:
-        summary = generate(
-            args.out,
-            args.identities,
-            args.images_per_id,
-            args.seed,
-            test_fraction=args.test_fraction,
-            width=args.width,
-            height=args.height,
-            captions_per_image=args.captions_per_image,
-            workers=args.workers,
-            overwrite=args.overwrite,
-        )
-    except (ValueError, FileExistsError, NotADirectoryError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(summary, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -28,11 +28,12 @@ from miners.encoders import (
     normalisation,
     pad_token_ids,
     patch_grid_hw,
+    pick_device,
     text_embeddings,
     to_pixel_values,
 )
-from miners.evaluation import caption_embeddings, evaluate_global, evaluate_local
-from miners.train_data import ClipData
+from miners.training.data import ClipData
+from miners.training.evaluation import caption_embeddings, evaluate_global, evaluate_local
 
 
 @dataclass
@@ -52,12 +53,6 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA only
     max_grad_norm: float = 5.0
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def identity_aware_loss(text_emb, image_emb, pids, logit_scale) -> torch.Tensor:

@@ -5,7 +5,7 @@ Consumes a manifest (train split to fit, test split to report); produces a model
 scorer loads exactly like a real CLIP checkpoint, plus `DIR/bootstrap.json` (metrics, training time,
 fingerprints) and `DIR/training/` (the trainer's run folder: checkpoint, history, curves).
 
-    python -m miners.bootstrap_clip --manifest M --out DIR [--epochs 12] [--seed 0]
+    python -m miners.training.bootstrap --manifest M --out DIR [--epochs 12] [--seed 0]
 
 A second call with the same manifest and settings reuses the finished model (prints "reusing").
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from miners.tiny_clip import TinyClipConfig, build_model, build_processor, build_tokenizer
-from miners.train_data import build_clip_data
-from miners.trainer import TrainConfig, Trainer
+from miners.training.data import build_clip_data
+from miners.training.tiny_clip import TinyClipConfig, build_model, build_processor, build_tokenizer
+from miners.training.trainer import TrainConfig, Trainer
 
 
 def manifest_fingerprint(path: Path) -> str:
@@ -33,7 +33,9 @@ def manifest_fingerprint(path: Path) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="python -m miners.bootstrap_clip", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m miners.training.bootstrap", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--manifest", required=True, type=Path)
     ap.add_argument("--out", required=True, type=Path, help="model folder to write (from_pretrained layout)")
     ap.add_argument("--epochs", type=int, default=12)

@@ -1,6 +1,6 @@
 """Captions with exact sentence→region ground truth for the synthetic P-VLG benchmark.
 
-Consumes a person's attributes (`storage.synth_draw.PersonAttrs`), the regions visible in one image
+Consumes a person's attributes (`storage.synth.draw.PersonAttrs`), the regions visible in one image
 (body-part label → region id), the image's scene facts (view, brightness) and a seeded
 `numpy.random.Generator`. Produces one caption of 4–8 sentences in the style of CUHK-PEDES (varied
 templates and synonyms, clause-packed sentences, lowercase run-ons, at least one ungroundable
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from storage.synth_draw import SHORT_SLEEVED, PersonAttrs, pick
+from storage.synth.draw import SHORT_SLEEVED, PersonAttrs, pick
 
 # Facts a caption can state, and the body-part region each one grounds to.
 FACT_PART = {"hair": "head", "hat": "head", "upper": "upper", "lower": "lower", "feet": "feet", "bag": "bag"}

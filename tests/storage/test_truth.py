@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from miners.ground_truth import GroundTruth, judge_units, pair_quality, phrase_in_unit
 from storage.rle import encode_mask
+from storage.truth import GroundTruth, judge_units, pair_quality, phrase_in_unit
 
 
 def _gt():

@@ -1,7 +1,7 @@
 """TBPS evaluation protocols on `ClipData`.
 
 Consumes a CLIP model and evaluation `ClipData` (test split); produces metric dicts:
-- global: text→image retrieval (R1/R5/R10/mAP/mINP via qa.metrics), all queries and the long-query
+- global: text→image retrieval (R1/R5/R10/mAP/mINP via miners.metrics), all queries and the long-query
   subset (captions with ≥ LONG_QUERY_MIN_SENTENCES sentences);
 - local: sentence→region grounding accuracy against ground-truth links (pvlg / synthetic): each
   groundable ground-truth sentence picks one of its image's ground-truth regions; correct when the pick
@@ -24,8 +24,8 @@ from miners.encoders import (
     to_pixel_values,
     tokenize,
 )
-from miners.train_data import ClipData
-from qa.metrics import retrieval_metrics
+from miners.metrics import retrieval_metrics
+from miners.training.data import ClipData
 
 LONG_QUERY_MIN_SENTENCES = 5
 

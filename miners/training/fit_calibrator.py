@@ -6,7 +6,7 @@ calibrator on the matching features, and writes `<clip-model>/rsm-calibrator.jso
 to the model's fingerprint). Prints the in-sample precision / coverage / ECE; held-out figures come
 from `make bench`.
 
-    python -m miners.calibrate --manifest M --clip-model DIR [--split train] [--mode combined]
+    python -m miners.training.fit_calibrator --manifest M --clip-model DIR [--split train] [--mode combined]
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from miners.calibration import CALIBRATOR_FILENAME, default_calibrator, fit_calibrator
-from miners.ground_truth import judge_pairs, pair_quality
 from miners.matching import MatchConfig
+from miners.metrics import expected_calibration_error
 from miners.rsm import RSMConfig, RSMMiner, matches_from_pairs
-from qa.metrics import expected_calibration_error
 from storage.manifest import read_manifest
+from storage.truth import judge_pairs, pair_quality
 
 
 def first_images(table, max_images: int | None):
@@ -75,7 +75,9 @@ def fit_on_manifest(manifest_path: Path, cfg: RSMConfig, split: str | None, max_
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m miners.calibrate", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(
+        prog="python -m miners.training.fit_calibrator", description=__doc__.split("\n\n")[0]
+    )
     ap.add_argument("--manifest", required=True, type=Path)
     ap.add_argument("--clip-model", required=True, type=Path)
     ap.add_argument("--split", default="train", help="split to fit on ('' for all)")

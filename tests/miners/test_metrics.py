@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from qa.metrics import auroc, expected_calibration_error, retrieval_metrics
+from miners.metrics import auroc, expected_calibration_error, retrieval_metrics
 
 
 def test_retrieval_metrics_hand_computed():

@@ -1,0 +1,188 @@
+"""The `mine-rsm` parameters: one typed table of them (`MineParams`), the argparse CLI derived from it,
+and their validation into the resolved `MineOptions` the pipeline runs on.
+
+Consumes user parameters (CLI flags, flow parameters, deployment `--param`s); produces `MineOptions`
+(paths resolved, an `RSMConfig` built). The RSM settings' defaults are read from `RSMConfig` and
+`MatchConfig` themselves, so each default is written once; the flow signature in flows/mine_rsm.py
+lists the same names with these defaults, and a test holds it to this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import types
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from miners.clip_scorer import CROP_MODES
+from miners.matching import MATCH_MODES, MatchConfig
+from miners.regions import PROPOSER_NAMES
+from miners.rsm import RSMConfig
+
+CLIP_MODEL_HINT = (
+    "pass --clip-model DIR (a CLIP folder saved with save_pretrained); `make demo` bootstraps a tiny one "
+    "in outputs/demo/models/tiny-clip"
+)
+
+
+def _rsm_default(name: str) -> Any:
+    """RSMConfig's default for `name` (the single place RSM defaults are written)."""
+    f = next(f for f in fields(RSMConfig) if f.name == name)
+    return f.default
+
+
+def _opt(default: Any, help: str, **meta: Any) -> Any:
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass(frozen=True)
+class MineParams:
+    """Every parameter of `mine-rsm` (flow, CLI, deployments), with its one default.
+
+    metadata: `help`; `choices`; `flag` (a CLI flag other than --name-with-dashes); `cli=False` for
+    parameters only the flow takes.
+    """
+
+    manifest: str = field(metadata={"help": "manifest Parquet (python -m storage.manifest)"})
+    out: str = field(metadata={"help": "shard folder; an unfinished run there is resumed"})
+    clip_model: str | None = _opt(None, "CLIP from_pretrained folder (required)")
+    proposer: str = _opt(_rsm_default("proposer"), "region proposer", choices=PROPOSER_NAMES)
+    sam_checkpoint: str | None = _opt(None, "segment-anything .pth (sam-* proposers)")
+    sam_model_type: str = _opt(_rsm_default("sam_model_type"), "vit_b | vit_l | vit_h | tiny")
+    crop_mode: str = _opt(_rsm_default("crop_mode"), "how a region is cropped for CLIP", choices=CROP_MODES)
+    match_mode: str = _opt(MatchConfig().mode, "matching features", choices=MATCH_MODES)
+    images_per_batch: int = _opt(_rsm_default("images_per_batch"), "images per CLIP batch")
+    shard_size: int = _opt(256, "manifest rows per shard (images are never split)")
+    ray_address: str | None = _opt(None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    max_workers: int | None = _opt(None, "at most this many Ray actors (default: CPU/GPU slots)")
+    gpus_per_worker: float = _opt(1.0, "GPU share per actor where Ray reports GPUs (e.g. 0.5)")
+    max_retries: int = _opt(2, "retries per shard before the run fails naming it")
+    shard_timeout_s: float | None = _opt(
+        None, "seconds before a worker stuck on one shard is killed", flag="--shard-timeout"
+    )
+    qa_out: str | None = _opt(None, "also write the QA report (python -m qa.report) into this folder")
+    progress_bar: bool = _opt(False, "show a tqdm bar (the CLI turns it on)", cli=False)
+
+
+def param_defaults() -> dict[str, Any]:
+    """name -> default of every MineParams field that has one."""
+    return {f.name: f.default for f in fields(MineParams) if f.default is not MISSING}
+
+
+def _cli_type(annotation: Any) -> type:
+    if get_origin(annotation) in (Union, types.UnionType):
+        annotation = next(a for a in get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def add_param_arguments(parser: argparse.ArgumentParser) -> None:
+    """One CLI flag per MineParams field: type, default, choices and help taken from the table."""
+    hints = get_type_hints(MineParams)
+    for f in fields(MineParams):
+        if not f.metadata.get("cli", True):
+            continue
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        kwargs: dict[str, Any] = {
+            "dest": f.name,
+            "type": _cli_type(hints[f.name]),
+            "help": f.metadata["help"],
+        }
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if f.default is MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = f.default
+            if f.default is not None:
+                kwargs["help"] += f" (default {f.default})"
+        parser.add_argument(flag, **kwargs)
+
+
+@dataclass(frozen=True)
+class MineOptions:
+    """Validated parameters: absolute paths and the resolved RSMConfig (what the pipeline runs on)."""
+
+    manifest: str
+    out: str
+    config: RSMConfig
+    shard_size: int
+    ray_address: str | None
+    max_workers: int | None
+    gpus_per_worker: float
+    max_retries: int
+    shard_timeout_s: float | None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.shard_size, int) or self.shard_size < 1:
+            raise ValueError(f"shard_size must be a positive integer, got {self.shard_size!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        if self.shard_timeout_s is not None and self.shard_timeout_s <= 0:
+            raise ValueError(f"shard_timeout_s must be > 0 (or unset), got {self.shard_timeout_s}")
+        if self.max_workers is not None and self.max_workers < 1:
+            raise ValueError(f"max_workers must be >= 1 (or unset), got {self.max_workers}")
+        if self.gpus_per_worker < 0:
+            raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+
+
+def build_options(params: MineParams) -> MineOptions:
+    """Validate parameters up front (before Ray or Prefect do any work) and resolve paths."""
+    p = params
+    if p.clip_model is None:
+        raise ValueError(f"no CLIP model given: {CLIP_MODEL_HINT}")
+    clip_dir = Path(p.clip_model).resolve()
+    if not (clip_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{clip_dir}: not a CLIP model folder (no config.json); {CLIP_MODEL_HINT}")
+    if not Path(p.manifest).is_file():
+        raise FileNotFoundError(
+            f"manifest {p.manifest} does not exist; build it with `python -m storage.manifest` "
+            "(`make demo` builds outputs/demo/manifest.parquet)"
+        )
+    for f in fields(MineParams):
+        value, valid = getattr(p, f.name), f.metadata.get("choices")
+        if valid is not None and value not in valid:
+            raise ValueError(f"{f.name} {value!r} is not one of {', '.join(valid)}")
+    if p.proposer.startswith("sam") and not p.sam_checkpoint:
+        raise ValueError(f"proposer {p.proposer!r} needs --sam-checkpoint PATH (a segment-anything .pth)")
+    if p.sam_checkpoint and not Path(p.sam_checkpoint).is_file():
+        raise FileNotFoundError(f"SAM checkpoint {p.sam_checkpoint} does not exist")
+    config = RSMConfig(
+        clip_model=str(clip_dir),  # absolute: Ray workers do not share the driver's working directory
+        proposer=p.proposer,
+        sam_checkpoint=str(Path(p.sam_checkpoint).resolve()) if p.sam_checkpoint else None,
+        sam_model_type=p.sam_model_type,
+        crop_mode=p.crop_mode,
+        match=MatchConfig(mode=p.match_mode),
+        images_per_batch=p.images_per_batch,
+    )
+    return MineOptions(
+        manifest=str(p.manifest),
+        out=str(p.out),
+        config=config,
+        shard_size=p.shard_size,
+        ray_address=p.ray_address,
+        max_workers=p.max_workers,
+        gpus_per_worker=p.gpus_per_worker,
+        max_retries=p.max_retries,
+        shard_timeout_s=p.shard_timeout_s,
+    )
+
+
+def params_from(**values: Any) -> MineParams:
+    """MineParams from keyword values (unknown names are a TypeError naming them)."""
+    unknown = set(values) - {f.name for f in fields(MineParams)}
+    if unknown:
+        raise TypeError(f"unknown mine-rsm parameter(s): {', '.join(sorted(unknown))}")
+    return MineParams(**values)
+
+
+__all__ = [
+    "CLIP_MODEL_HINT",
+    "MineOptions",
+    "MineParams",
+    "add_param_arguments",
+    "build_options",
+    "param_defaults",
+    "params_from",
+]

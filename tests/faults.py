@@ -1,0 +1,43 @@
+"""Fault injection for the flow tests: a ShardMiner subclass that fails on chosen shards.
+
+Production code has no fault hooks; tests hand `faulty_miner(...)` to `ShardPool(actor_cls=...)` or
+`run_mining(actor_cls=...)`. This module is pickled by value, so Ray workers need not import `tests`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import ray.cloudpickle
+
+from flows.ray_workers import ShardMiner, ShardOutput
+
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class InjectedShardFailure(RuntimeError):
+    """Raised by a FaultyShardMiner for a shard set to "raise"."""
+
+
+class FaultyShardMiner(ShardMiner):
+    """FAULTS: shard id -> "raise" (every attempt raises), "crash-once" (the actor process exits during
+    the first attempt, as on OOM or a lost node) or "hang-once" (the first attempt never returns)."""
+
+    FAULTS: dict[int, str] = {}
+
+    def mine(self, shard_id: int, rows, root: str, attempt: int) -> ShardOutput:
+        fault = self.FAULTS.get(shard_id)
+        if fault == "raise":
+            raise InjectedShardFailure(f"shard {shard_id}: failure injected by the test")
+        if fault == "crash-once" and attempt == 1:
+            os._exit(17)
+        if fault == "hang-once" and attempt == 1:
+            time.sleep(24 * 3600)  # a stuck worker (deadlocked I/O, a hung GPU): only the watchdog ends it
+        return super().mine(shard_id, rows, root, attempt)
+
+
+def faulty_miner(faults: dict[int, str]) -> type[ShardMiner]:
+    """A FaultyShardMiner class with these faults."""
+    return type("FaultyShardMiner", (FaultyShardMiner,), {"FAULTS": dict(faults)})

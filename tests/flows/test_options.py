@@ -1,0 +1,62 @@
+"""flows.options: one table of mine-rsm parameters; the flow signature, the CLI and the RSM defaults
+agree with it, and validation refuses bad values before any work starts."""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import MISSING, fields
+
+import pytest
+
+from flows.mine_rsm import mine_rsm, parse_args
+from flows.options import MineParams, build_options, param_defaults, params_from
+from miners.matching import MatchConfig
+from miners.rsm import RSMConfig
+
+
+def test_flow_signature_is_the_parameter_table():
+    sig = inspect.signature(mine_rsm.fn)
+    assert list(sig.parameters) == [f.name for f in fields(MineParams)]
+    for f in fields(MineParams):
+        expected = inspect.Parameter.empty if f.name in ("manifest", "out") else f.default
+        assert sig.parameters[f.name].default == expected, f.name
+    # Prefect's deployment parameter schema is built from that signature
+    assert set(mine_rsm.parameters.properties) == {f.name for f in fields(MineParams)}
+
+
+def test_rsm_defaults_are_read_from_rsmconfig():
+    defaults = param_defaults()
+    rsm = {f.name: f.default for f in fields(RSMConfig) if f.name in defaults and f.default is not MISSING}
+    assert rsm and all(defaults[k] == v for k, v in rsm.items())
+    assert defaults["match_mode"] == MatchConfig().mode
+
+
+def test_cli_is_derived_from_the_table(tmp_path):
+    args = parse_args(
+        ["--manifest", "m.parquet", "--out", "o", "--shard-size", "8", "--shard-timeout", "2.5"]
+    )
+    values = vars(args)
+    assert values.pop("no_prefect") is False
+    params = MineParams(**values)
+    assert (params.shard_size, params.shard_timeout_s) == (8, 2.5)
+    assert params.proposer == param_defaults()["proposer"] and params.progress_bar is False
+    with pytest.raises(SystemExit):  # choices come from the table too
+        parse_args(["--manifest", "m", "--out", "o", "--crop-mode", "nope"])
+
+
+def test_validation_refuses_bad_values_up_front(tiny_dataset, tiny_clip_dir, tmp_path):
+    base = {"manifest": str(tiny_dataset / "manifest.parquet"), "out": str(tmp_path / "o")}
+    with pytest.raises(ValueError, match="--clip-model"):
+        build_options(params_from(**base))
+    with pytest.raises(FileNotFoundError, match="not a CLIP model folder"):
+        build_options(params_from(**base, clip_model=str(tmp_path)))
+    good = {**base, "clip_model": str(tiny_clip_dir)}
+    with pytest.raises(ValueError, match="crop_mode 'x' is not one of"):
+        build_options(params_from(**good, crop_mode="x"))
+    with pytest.raises(ValueError, match="shard_size"):
+        build_options(params_from(**good, shard_size=0))
+    with pytest.raises(TypeError, match="unknown mine-rsm parameter"):
+        params_from(**good, fail_shards=[1])
+    opts = build_options(params_from(**good, match_mode="clip", images_per_batch=4))
+    assert opts.config.match.mode == "clip" and opts.config.images_per_batch == 4
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,54 @@
+"""flows.reporting: the summary markdown, the failure message and the QA headline say what a run did."""
+
+from __future__ import annotations
+
+from flows.reporting import failure_message, qa_headline, summary_markdown
+
+
+def _summary(**overrides) -> dict:
+    summary = {
+        "run_id": "r-1",
+        "out": "/data/out",
+        "finalized": True,
+        "n_shards": 4,
+        "shards_committed": 4,
+        "shards_mined_now": 3,
+        "shards_failed": {},
+        "manifest_rows": 37,
+        "ok_rows": 35,
+        "rejected_rows": 2,
+        "status_counts": {"corrupt_image": 2, "ok": 35},
+        "pairs": 140,
+        "kept_pairs": 99,
+        "images_per_s": 12.5,
+        "wall_s": 9.0,
+        "ray_start_s": 1.0,
+        "workers_start_s": 2.0,
+        "fanout_s": 5.0,
+        "pool": "2 worker(s)",
+    }
+    return summary | overrides
+
+
+def test_summary_markdown_holds_the_figures():
+    md = summary_markdown(_summary())
+    assert "run `r-1`: complete" in md
+    assert "| manifest rows | 37 |" in md and "| ok / rejected rows | 35 / 2 |" in md
+    assert "| pairs / kept | 140 / 99 |" in md and "| corrupt_image | 2 |" in md
+    assert "Failed shards" not in md
+
+
+def test_a_failed_run_names_its_shards_and_how_to_resume():
+    summary = _summary(finalized=False, shards_committed=3, shards_failed={"2": "OSError: disk full"})
+    md = summary_markdown(summary)
+    assert "INCOMPLETE" in md and "- shard 2: `OSError: disk full`" in md and "Rerun" in md
+    msg = failure_message(summary)
+    assert msg.startswith("1 of 4 shards failed") and "shard 2: OSError: disk full" in msg
+    assert "3 shards are committed in /data/out" in msg
+
+
+def test_qa_headline_keeps_only_the_headline_keys():
+    qa = {"pairs_total": 10, "pairs_kept": 7, "ece": 0.02, "histograms": {"x": []}}
+    head = qa_headline(qa)
+    assert head["pairs_total"] == 10 and head["ece"] == 0.02 and head["noise_rate_true"] is None
+    assert "histograms" not in head

@@ -1,0 +1,63 @@
+"""miners.training.data: manifest rows become model-size images, caption tokens and weighted local pairs;
+unreadable images are skipped by name."""
+
+from __future__ import annotations
+
+import pyarrow.compute as pc
+import pytest
+
+from miners.clip_scorer import load_clip
+from miners.encoders import input_size_hw
+from miners.training.data import build_clip_data
+from storage.manifest import read_manifest
+from storage.reader import read_pairs
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_clip_dir):
+    return load_clip(tiny_clip_dir, "cpu")[1]
+
+
+def test_images_and_captions_line_up(tiny_dataset, processor):
+    table, meta = read_manifest(tiny_dataset / "manifest.parquet")
+    data = build_clip_data(table, processor, root=meta["root"])
+    assert len(data) == table.num_rows and not data.images_u8.dtype.is_floating_point
+    assert tuple(data.images_u8.shape[2:]) == input_size_hw(processor)
+    assert data.images_u8.shape[0] == len(set(table["image_id"].to_pylist())) == len(data.image_ids)
+    # every caption points at its own image and person
+    for i, sample_id in enumerate(data.sample_ids):
+        row = table.filter(pc.equal(table["sample_id"], sample_id)).to_pylist()[0]
+        assert data.image_ids[data.cap_image_index[i]] == row["image_id"]
+        assert data.cap_pids[i] == row["person_id"] and data.cap_n_sentences[i] == len(
+            data.cap_sentence_tokens[i]
+        )
+    assert not any(data.local_pairs)  # no pairs given: no local pairs
+
+
+def test_local_pairs_carry_reliability_or_uniform_weights(tiny_dataset, tiny_run, processor):
+    table, meta = read_manifest(tiny_dataset / "manifest.parquet")
+    pairs = read_pairs(tiny_run)
+    weighted = build_clip_data(table, processor, root=meta["root"], pairs=pairs, reliability_threshold=0.0)
+    uniform = build_clip_data(
+        table, processor, root=meta["root"], pairs=pairs, use_reliability=False, reliability_threshold=0.0
+    )
+    w = [p.weight for ps in weighted.local_pairs for p in ps]
+    u = [p.weight for ps in uniform.local_pairs for p in ps]
+    assert w and len(w) == len(u) and set(u) == {1.0}
+    reliabilities = pairs["reliability"].to_numpy().astype(float)
+    assert min(w) < 1.0 and all(abs(reliabilities - x).min() < 1e-6 for x in w)
+    # a threshold drops the pairs below it
+    strict = build_clip_data(table, processor, root=meta["root"], pairs=pairs, reliability_threshold=0.9)
+    assert sum(len(ps) for ps in strict.local_pairs) < len(w)
+
+
+def test_unreadable_image_is_skipped_by_name(tiny_dataset, processor, tmp_path):
+    table, meta = read_manifest(tiny_dataset / "manifest.parquet")
+    first = table.slice(0, 1).to_pylist()[0]
+    broken = tmp_path / first["image_path"]
+    broken.parent.mkdir(parents=True)
+    broken.write_bytes(b"not an image")
+    elsewhere = table.slice(0, 1).replace_schema_metadata({b"rsm.root": str(tmp_path).encode()})
+    data = build_clip_data(elsewhere, processor)
+    assert len(data) == 0 and first["image_id"] in data.skipped
+    assert "unreadable_image" in data.skipped[first["image_id"]]
