@@ -5,9 +5,12 @@ Consumes the parsed annotation list of one dataset (CUHK-PEDES `reid_raw.json`, 
 manifest rows (dicts with the `storage.schemas.MANIFEST_SCHEMA` columns) and `Reject`s, one per
 (image, caption) that did not make it, so that rows in = rows written + rows rejected.
 
-Only path safety and file existence are checked here: whether an image actually decodes is checked
-later, at mining time (miners' safe image loader), because opening 40k images here would make the
-import slow and the loader must defend itself against bad files anyway.
+Only path safety, file existence and file type are checked here: whether an image actually decodes is
+checked later, at mining time (miners' safe image loader), because opening 40k images here would make the
+import slow and the loader must defend itself against bad files anyway. Path checks open no file and look
+at nothing outside `DIR/imgs/`: a path is judged by its spelling first, then followed one component at a
+time with `lstat`/`readlink`, and rejected as soon as a step would leave `imgs/` (so an annotation file
+cannot make the importer probe the rest of the machine, and a FIFO is never opened, which would block).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import math
 import os
 import posixpath
 import re
+import stat
 import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
@@ -27,6 +31,20 @@ INT64_MAX = 2**63 - 1
 # Unicode category Cc minus the ASCII whitespace controls (\t \n \v \f \r), which are legitimate in captions.
 _BAD_CONTROL = re.compile(r"[\x00-\x08\x0e-\x1f\x7f-\x9f]")
 _WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+# Linux's NAME_MAX and PATH_MAX (4096 bytes counting the terminating NUL): longer names cannot be opened, so
+# they are rejected by their spelling instead of failing later with ENAMETOOLONG as if the file were missing.
+MAX_NAME_BYTES = 255
+MAX_PATH_BYTES = 4095
+# Linux's MAXSYMLINKS: a longer chain of symlinks is a loop (or one built to keep the importer busy).
+MAX_SYMLINKS = 40
+# What a non-regular file is, for messages (checked in this order on its stat mode).
+_FILE_KINDS = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a FIFO (named pipe)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 class ManifestError(Exception):
@@ -35,8 +53,10 @@ class ManifestError(Exception):
 
 class RejectReason(StrEnum):
     MISSING_IMAGE = "missing_image"
+    NOT_A_REGULAR_FILE = "not_a_regular_file"  # a directory, FIFO, device or socket where an image should be
     UNSAFE_PATH = "unsafe_path"
     EMPTY_CAPTION = "empty_caption"
+    BAD_CAPTION_TYPE = "bad_caption_type"  # a caption that is not a JSON string (number, list, object, null)
     BAD_TEXT = "bad_text"
     CAPTION_TOO_LONG = "caption_too_long"
     DUPLICATE = "duplicate"
@@ -119,6 +139,24 @@ def _is_number(value: object) -> bool:
     return (isinstance(value, int | float) and not isinstance(value, bool)) and math.isfinite(value)
 
 
+def _json_type(value: object) -> str:
+    """The JSON name of a parsed value's type, as the dataset's author wrote it."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {list: "list", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def _file_kind(mode: int) -> str:
+    """'a directory', 'a FIFO (named pipe)', ... for the stat mode of a file that is not a regular one."""
+    return next(
+        (kind for is_kind, kind in _FILE_KINDS if is_kind(mode)), f"of unknown type {stat.filemode(mode)}"
+    )
+
+
 def _text_problem(text: str) -> str | None:
     """Why `text` cannot be stored as a caption (lone surrogate, control character), or None."""
     try:
@@ -141,6 +179,10 @@ class _RowProblem(Exception):
         self.image_path = image_path  # set once the path is known to be safe
 
 
+class _PathEscape(Exception):
+    """Following an image path would leave imgs/ (or loops through symlinks); the message says where."""
+
+
 class RecordImporter:
     """Validates records one at a time, accumulating manifest rows and rejects in annotation order."""
 
@@ -148,12 +190,14 @@ class RecordImporter:
         self.fmt = fmt
         self.root = root
         self.imgs_root = (root / "imgs").resolve()
+        self._imgs_text = str(self.imgs_root)
+        self._imgs_prefix = self._imgs_text.rstrip("/") + "/"  # what every path inside imgs/ starts with
         self.max_caption_chars = max_caption_chars
         self.rows: list[dict[str, Any]] = []
         self.rejects: list[Reject] = []
         self._seen_images: dict[str, int] = {}  # image_path -> record index that imported it
         self._seen_captions: set[tuple[str, str]] = set()
-        self._resolved_dirs: dict[str, Path] = {}
+        self._real_dirs: dict[str, str] = {}  # directory relative to imgs/ -> its real path inside imgs/
 
     # Whole records
     def add(self, index: int, record: Any) -> None:
@@ -169,14 +213,16 @@ class RecordImporter:
                     Reject(index, caption_index, problem.image_path, problem.reason, problem.message)
                 )
             return
-        self._seen_images[image_path] = index
         for caption_index, raw_caption in enumerate(captions):
             try:
-                self.rows.append(
-                    self._caption_row(record, image_path, caption_index, raw_caption, gt_regions)
-                )
+                row = self._caption_row(record, image_path, caption_index, raw_caption, gt_regions)
             except _RowProblem as problem:
                 self.rejects.append(Reject(index, caption_index, image_path, problem.reason, problem.message))
+                continue
+            self.rows.append(row)
+            # Only an accepted caption takes the image: a record whose captions were all rejected must not
+            # turn a later, valid record of the same image into a "duplicate" (and leave zero rows).
+            self._seen_images.setdefault(image_path, index)
 
     def _check_record(self, index: int, record: Any) -> tuple[str, str | None]:
         """(image_path, gt_regions JSON or None) of a usable record; raises _RowProblem otherwise."""
@@ -193,15 +239,23 @@ class RecordImporter:
         problem = self._path_problem(record[self.fmt.path_field])
         if problem:
             raise _RowProblem(RejectReason.UNSAFE_PATH, f"{label}: {problem}")
-        image_path = f"imgs/{posixpath.normpath(record[self.fmt.path_field])}"
-        full = self.root / image_path
-        if not os.path.isfile(full):
-            why = (
-                "is a directory, not an image file"
-                if full.is_dir()
-                else f"image file does not exist ({full})"
-            )
-            raise _RowProblem(RejectReason.MISSING_IMAGE, f"{image_path}: {why}", image_path)
+        rel = posixpath.normpath(record[self.fmt.path_field])
+        image_path = f"imgs/{rel}"
+        full = self.root / image_path  # for messages only: every file access goes through _locate
+        try:
+            mode = self._locate(rel)
+        except _PathEscape as exc:
+            raise _RowProblem(RejectReason.UNSAFE_PATH, f"{label}: {exc}") from None
+        except (FileNotFoundError, NotADirectoryError):  # NotADirectory: a file used as a folder on the way
+            raise _RowProblem(
+                RejectReason.MISSING_IMAGE, f"{image_path}: image file does not exist ({full})", image_path
+            ) from None
+        except OSError as exc:  # permission denied on a folder, say: the image cannot be reached either
+            why = f"cannot look up image file ({full}): {exc.strerror or exc}"
+            raise _RowProblem(RejectReason.MISSING_IMAGE, f"{image_path}: {why}", image_path) from None
+        if not stat.S_ISREG(mode):
+            why = f"is {_file_kind(mode)}, not a regular image file ({full})"
+            raise _RowProblem(RejectReason.NOT_A_REGULAR_FILE, f"{image_path}: {why}", image_path)
         if image_path in self._seen_images:
             first = self._seen_images[image_path]
             raise _RowProblem(
@@ -234,7 +288,7 @@ class RecordImporter:
 
     # Paths
     def _path_problem(self, raw_path: Any) -> str | None:
-        """Why `raw_path` (relative to imgs/) is unsafe to open, or None."""
+        """Why `raw_path` (relative to imgs/) is unsafe by its spelling alone, or None; touches no file."""
         if not isinstance(raw_path, str):
             return f"image path must be a string, got {type(raw_path).__name__}"
         if not raw_path:
@@ -242,26 +296,105 @@ class RecordImporter:
         text_problem = _text_problem(raw_path)  # NUL bytes included: the OS cannot open such a path
         if text_problem:
             return f"image path contains {text_problem.removeprefix('undecodable text ')}"
-        if raw_path.startswith(("/", "\\")) or _WINDOWS_DRIVE.match(raw_path):
+        if raw_path.startswith(("/", "\\")):
             return "absolute image path (must be relative to imgs/)"
+        if _WINDOWS_DRIVE.match(raw_path):
+            return (
+                f"image path starts with the Windows drive {quoted(raw_path[:2])} (must be relative to imgs/)"
+            )
+        backslash_at = raw_path.find("\\")
+        if backslash_at >= 0:
+            # On POSIX a backslash is part of a file name, so a Windows-style path would name another file.
+            return f"image path contains a backslash at char {backslash_at} (the separator is '/')"
         rel = posixpath.normpath(raw_path)
-        if rel in (".", "..") or rel.startswith("../"):
+        if rel == ".":
+            return f"image path {quoted(raw_path)} names the folder itself, not a file"
+        if rel == ".." or rel.startswith("../"):
             return f"image path escapes {self.root / 'imgs'} via '..'"
-        try:
-            resolved = self._resolve(rel)
-        except (OSError, RuntimeError, ValueError) as exc:  # symlink loops, overlong names
-            return f"cannot resolve image path: {exc}"
-        if not resolved.is_relative_to(self.imgs_root):
-            return f"image path resolves outside {self.imgs_root} (to {resolved})"
+        for part in rel.split("/"):
+            n_bytes = len(part.encode("utf-8"))
+            if n_bytes > MAX_NAME_BYTES:
+                return f"image path component {quoted(part)} is {n_bytes} bytes long (limit {MAX_NAME_BYTES})"
+        n_bytes = len(posixpath.join(self._imgs_text, rel).encode("utf-8"))
+        if n_bytes > MAX_PATH_BYTES:
+            return f"image path is {n_bytes} bytes long under {self.imgs_root} (limit {MAX_PATH_BYTES})"
         return None
 
-    def _resolve(self, rel: str) -> Path:
-        # Resolving every parent directory once per directory keeps this to ~2 syscalls per image.
+    def _locate(self, rel: str) -> int:
+        """The stat mode of the file that imgs/<rel> (a normalised, safely spelt path) names.
+
+        Raises _PathEscape when reaching it leaves imgs/, OSError (FileNotFoundError, ...) when it is not there.
+        """
+        # Parents are followed once per directory and remembered, which keeps this to ~1 lstat per image.
         parent, name = posixpath.split(rel)
-        if parent not in self._resolved_dirs:
-            self._resolved_dirs[parent] = (self.imgs_root / parent).resolve()
-        candidate = self._resolved_dirs[parent] / name
-        return candidate.resolve() if candidate.is_symlink() else candidate
+        base = self._real_dirs.get(parent)
+        if base is None:
+            base = self._walk(self._imgs_text, parent.split("/"))[0]
+            if not self._is_inside(base) and base != self._imgs_text:
+                # A parent folder that is a symlink up out of imgs/: walk the whole path so the message
+                # names that symlink (the file may still lead back inside, e.g. via 'up/imgs/a.png').
+                return self._final_mode(*self._walk(self._imgs_text, rel.split("/")))
+            self._real_dirs[parent] = base
+        return self._final_mode(*self._walk(base, [name]))
+
+    def _final_mode(self, real: str, mode: int | None) -> int:
+        """The mode `_walk` found, or S_IFDIR for imgs/ itself; an ancestor of imgs/ is outside it."""
+        if mode is not None:
+            return mode
+        if real == self._imgs_text:  # e.g. a symlink to '.': imgs/ itself, a directory
+            return stat.S_IFDIR
+        raise _PathEscape(f"image path resolves to {real}, outside {self.imgs_root}")
+
+    def _walk(self, real: str, parts: list[str]) -> tuple[str, int | None]:
+        """Follow `parts` from the real folder `real` as the OS would: (real path reached, its stat mode).
+
+        The mode is None for imgs/ itself and its ancestors, which are directories by construction and
+        never looked at. Every lstat/readlink is of a path inside imgs/: a step to anywhere else raises
+        _PathEscape before it is taken, naming the symlink that led there.
+        """
+        # A stack of (component, the symlink whose target it came from): targets go in front of the rest.
+        todo: list[tuple[str, tuple[str, str] | None]] = [(part, None) for part in reversed(parts)]
+        mode: int | None = None
+        n_links = 0
+        above: tuple[str, str] | None = None  # the symlink that last took `real` up above imgs/
+        while todo:
+            part, origin = todo.pop()
+            if part in ("", "."):
+                continue
+            # `real` never holds a symlink, so its '..' is its lexical parent, a folder already walked through.
+            candidate = posixpath.dirname(real) if part == ".." else posixpath.join(real, part)
+            if candidate == self._imgs_text or self._imgs_text.startswith(candidate.rstrip("/") + "/"):
+                real, mode = candidate, None
+                above = (origin or above) if candidate != self._imgs_text else None
+                continue
+            if not self._is_inside(candidate):
+                # Blame the symlink this step came from, or the one that took us above imgs/ (so that
+                # 'up/x' with up -> '..' names 'up', not the record's own 'x').
+                blamed = origin or above
+                via = f" through symlink {self._shown(blamed[0])} -> {quoted(blamed[1])}" if blamed else ""
+                raise _PathEscape(f"image path resolves outside {self.imgs_root}{via}")
+            st = os.lstat(candidate)
+            if not stat.S_ISLNK(st.st_mode):
+                real, mode = candidate, st.st_mode
+                continue
+            target = os.readlink(candidate)
+            n_links += 1
+            if n_links > MAX_SYMLINKS:
+                raise _PathEscape(
+                    f"image path follows more than {MAX_SYMLINKS} symlinks (a loop?), last "
+                    f"{self._shown(candidate)} -> {quoted(target)}"
+                )
+            if target.startswith("/"):  # an absolute target starts again from '/', above imgs/
+                real, mode, above = "/", None, (candidate, target)
+            todo.extend((step, (candidate, target)) for step in reversed(target.split("/")))
+        return real, mode
+
+    def _is_inside(self, real: str) -> bool:
+        return real.startswith(self._imgs_prefix)
+
+    def _shown(self, real: str) -> str:
+        """A real path inside imgs/ as 'imgs/...', the way records and messages spell paths."""
+        return f"imgs/{real.removeprefix(self._imgs_prefix)}"
 
     # Captions
     def _caption_row(
@@ -270,8 +403,10 @@ class RecordImporter:
         """The manifest row of one caption; raises _RowProblem when the caption is unusable."""
         where = f"{image_path} caption {caption_index}"
         if not isinstance(raw, str):
+            shown = "" if raw is None else f" {printable(json.dumps(raw), limit=60)}"
             raise _RowProblem(
-                RejectReason.EMPTY_CAPTION, f"{where}: caption must be a string, got {type(raw).__name__}"
+                RejectReason.BAD_CAPTION_TYPE,
+                f"{where}: caption must be a string, got {_json_type(raw)}{shown}",
             )
         text_problem = _text_problem(raw)
         if text_problem:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from storage.importers import FORMATS
+from storage.importers import FORMATS, RecordImporter, printable
 from storage.manifest import import_dataset, main, read_manifest
 from storage.schemas import MANIFEST_SCHEMA
 
@@ -249,7 +251,7 @@ def test_every_reject_kind_reported_and_good_rows_kept(tmp_path: Path, capsys) -
         (5, 0): ("unsafe_path", "42"),
         (6, 0): ("bad_text", "imgs/text/b.png"),
         (6, 1): ("bad_text", "imgs/text/b.png"),
-        (6, 2): ("empty_caption", "imgs/text/b.png"),
+        (6, 2): ("bad_caption_type", "imgs/text/b.png"),
         (6, 3): ("caption_too_long", "imgs/text/b.png"),
         (7, 0): ("duplicate", "imgs/good/a.png"),
         (8, None): ("bad_record", "record 8"),
@@ -273,11 +275,12 @@ def test_every_reject_kind_reported_and_good_rows_kept(tmp_path: Path, capsys) -
 
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["rejected"] == {
+        "bad_caption_type": 1,
         "bad_record": 5,
         "bad_text": 2,
         "caption_too_long": 1,
         "duplicate": 2,
-        "empty_caption": 2,
+        "empty_caption": 1,
         "missing_image": 1,
         "unsafe_path": 4,
     }
@@ -304,6 +307,258 @@ def test_symlink_outside_root_rejected(tmp_path: Path) -> None:
     bad = rejects_of(out)
     assert [(r["record_index"], r["reason"]) for r in bad] == [(1, "unsafe_path"), (2, "unsafe_path")]
     assert "in/link.png" in bad[0]["message"] and "linkdir/secret.png" in bad[1]["message"]
+
+
+# Duplicates are judged on accepted rows only
+def test_image_is_taken_only_by_an_accepted_caption(tmp_path: Path) -> None:
+    records = [
+        rec(1, "a.png", ["   ", "bell\x07"]),  # 0: every caption rejected, so imgs/a.png stays free
+        rec(1, "a.png", ["A man in a red coat."]),  # 1: the first accepted caption of imgs/a.png
+        rec(1, "a.png", ["A man in a blue coat."]),  # 2: a true duplicate of record 1
+    ]
+    root = make_dataset(tmp_path / "cuhk", "cuhk-pedes", records, images=["a.png"])
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "cuhk-pedes", out) == 0
+    rows = read_manifest(out)[0].to_pylist()
+    assert [(r["sample_id"], r["caption"]) for r in rows] == [("imgs/a.png#0", "A man in a red coat.")]
+    assert [(r["record_index"], r["caption_index"], r["reason"], r["message"]) for r in rejects_of(out)] == [
+        (0, 0, "empty_caption", "imgs/a.png caption 0: caption is empty or whitespace"),
+        (0, 1, "bad_text", "imgs/a.png caption 1: control character U+0007 at char 4"),
+        (2, 0, "duplicate", "imgs/a.png: image already imported by record 1"),
+    ]
+
+
+@pytest.mark.parametrize("fmt", ["cuhk-pedes", "pvlg"])
+def test_fully_rejected_record_does_not_block_the_import_of_its_image(
+    tmp_path: Path, capsys, fmt: str
+) -> None:
+    caption = "Short hair. He walks fast."
+    if fmt == "pvlg":  # every caption of the first record has a broken link span
+        first = pvlg_record(1, "a.png", [caption], links=[[{"span": [0, 99]}]])
+        second = pvlg_record(1, "a.png", [caption])
+        why = (
+            "bad_ground_truth",
+            "imgs/a.png caption 0: link 0: needs a 'span' [start, end) inside the caption",
+        )
+    else:
+        first, second = rec(1, "a.png", [None]), rec(1, "a.png", [caption])
+        why = ("bad_caption_type", "imgs/a.png caption 0: caption must be a string, got null")
+    root = make_dataset(tmp_path / "ds", fmt, [first, second], images=["a.png"])
+    out = tmp_path / "m.parquet"
+    assert run_main(root, fmt, out) == 0, capsys.readouterr().err
+    rows = read_manifest(out)[0].to_pylist()
+    assert [(r["sample_id"], r["caption"]) for r in rows] == [("imgs/a.png#0", caption)]
+    assert [(r["record_index"], r["caption_index"], r["reason"], r["message"]) for r in rejects_of(out)] == [
+        (0, 0, *why)
+    ]
+
+
+# Precise reasons
+def test_non_string_captions_are_bad_caption_type_naming_the_type(tmp_path: Path) -> None:
+    captions = [7, 1.5, ["a", "b"], {"text": "x"}, None, True, "A man."]
+    root = make_dataset(tmp_path / "cuhk", "cuhk-pedes", [rec(1, "a.png", captions)])
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "cuhk-pedes", out) == 0
+    assert read_manifest(out)[0].column("sample_id").to_pylist() == ["imgs/a.png#6"]
+    got = [(r["caption_index"], r["reason"], r["message"]) for r in rejects_of(out)]
+    prefix = "caption must be a string, got"
+    assert got == [
+        (0, "bad_caption_type", f"imgs/a.png caption 0: {prefix} number 7"),
+        (1, "bad_caption_type", f"imgs/a.png caption 1: {prefix} number 1.5"),
+        (2, "bad_caption_type", f'imgs/a.png caption 2: {prefix} list ["a", "b"]'),
+        (3, "bad_caption_type", f'imgs/a.png caption 3: {prefix} object {{"text": "x"}}'),
+        (4, "bad_caption_type", f"imgs/a.png caption 4: {prefix} null"),
+        (5, "bad_caption_type", f"imgs/a.png caption 5: {prefix} boolean true"),
+    ]
+
+
+@pytest.mark.parametrize("raw", [".", "./", "sub/..", "./."])
+def test_path_naming_the_folder_itself_gets_its_own_message(tmp_path: Path, raw: str) -> None:
+    records = [rec(1, "a.png", ["A man."]), rec(2, raw, ["A woman."])]
+    root = make_dataset(tmp_path / "cuhk", "cuhk-pedes", records, images=["a.png"])
+    out = tmp_path / "m.parquet"
+    assert run_main(root, "cuhk-pedes", out) == 0
+    assert [(r["record_index"], r["image_path"], r["reason"], r["message"]) for r in rejects_of(out)] == [
+        (1, None, "unsafe_path", f"record 1 ({raw}): image path '{raw}' names the folder itself, not a file")
+    ]
+
+
+# Audit hooks cannot be removed, so the one hook this module installs records only while this is a list.
+_ACCESS_LOG: list[tuple[str, str]] | None = None
+_AUDIT_HOOK_INSTALLED = False
+
+
+def _record_access(event: str, args: tuple) -> None:
+    log = _ACCESS_LOG
+    if log is None or not (event == "open" or event.startswith("os.")):
+        return
+    # `open` is (path, mode, flags): only its first argument is a path (an int when opening a descriptor).
+    for arg in args[:1] if event == "open" else args:
+        if isinstance(arg, str | bytes | os.PathLike):
+            log.append((event, os.fsdecode(arg)))
+
+
+class FileAccess:
+    """The paths opened or looked at (event, path) while `recording()` is active."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str]] = []
+
+    @contextlib.contextmanager
+    def recording(self):
+        global _ACCESS_LOG
+        _ACCESS_LOG = self.events
+        try:
+            yield self
+        finally:
+            _ACCESS_LOG = None
+
+
+@pytest.fixture
+def file_access(monkeypatch) -> FileAccess:
+    """Record `open` and `os.*` audit events, plus os.stat/lstat/readlink, which raise no audit event."""
+    global _AUDIT_HOOK_INSTALLED
+    if not _AUDIT_HOOK_INSTALLED:
+        sys.addaudithook(_record_access)
+        _AUDIT_HOOK_INSTALLED = True
+    for name in ("stat", "lstat", "readlink"):
+        original = getattr(os, name)
+
+        def spy(path, *args, _original=original, _event=f"os.{name}", **kwargs):
+            log = _ACCESS_LOG
+            if log is not None and isinstance(path, str | bytes | os.PathLike):
+                log.append((_event, os.fsdecode(path)))
+            return _original(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, spy)
+    return FileAccess()
+
+
+@pytest.mark.timeout(60)  # opening the FIFO would block forever: fail instead of hanging the suite
+def test_non_regular_files_are_rejected_with_their_type(tmp_path: Path, monkeypatch, file_access) -> None:
+    names = ["good.png", "pipe.png", "folder.png", "self.png", "tty.png", "disk.png", "sock.png"]
+    root = make_dataset(
+        tmp_path.resolve() / "cuhk", "cuhk-pedes", [rec(1, n, ["A man."]) for n in names], images=["good.png"]
+    )
+    imgs = root / "imgs"
+    os.mkfifo(imgs / "pipe.png")
+    (imgs / "folder.png").mkdir()
+    (imgs / "self.png").symlink_to(".")  # names imgs/ itself
+    # Device nodes need privileges and sockets short paths to create, so stat reports these three instead.
+    fake_modes = {
+        str(imgs / "tty.png"): stat.S_IFCHR | 0o620,
+        str(imgs / "disk.png"): stat.S_IFBLK | 0o660,
+        str(imgs / "sock.png"): stat.S_IFSOCK | 0o755,
+    }
+    for name in ("stat", "lstat"):
+        real = getattr(os, name)
+
+        def fake(path, *args, _real=real, **kwargs):
+            mode = fake_modes.get(os.fsdecode(path)) if isinstance(path, str | os.PathLike) else None
+            if mode is None:
+                return _real(path, *args, **kwargs)
+            return os.stat_result((mode, 1, 1, 1, 0, 0, 0, 0, 0, 0))
+
+        monkeypatch.setattr(os, name, fake)
+    out = tmp_path / "m.parquet"
+    with file_access.recording():
+        assert run_main(root, "cuhk-pedes", out) == 0
+    assert read_manifest(out)[0].column("sample_id").to_pylist() == ["imgs/good.png#0"]
+    expected = [
+        (1, "pipe.png", "a FIFO (named pipe)"),
+        (2, "folder.png", "a directory"),
+        (3, "self.png", "a directory"),
+        (4, "tty.png", "a character device"),
+        (5, "disk.png", "a block device"),
+        (6, "sock.png", "a socket"),
+    ]
+    got = [(r["record_index"], r["image_path"], r["reason"], r["message"]) for r in rejects_of(out)]
+    assert got == [
+        (i, f"imgs/{n}", "not_a_regular_file", f"imgs/{n}: is {kind}, not a regular image file ({imgs / n})")
+        for i, n, kind in expected
+    ]
+    opened = {path for event, path in file_access.events if event == "open"}
+    assert str(root / "reid_raw.json") in opened  # the hook does see what the import opens ...
+    assert str(imgs / "pipe.png") not in opened  # ... and the FIFO is not among it
+
+
+def test_hostile_paths_are_rejected_without_touching_anything_outside(tmp_path: Path, file_access) -> None:
+    base = tmp_path.resolve()
+    root, outside = base / "ds", base / "outside"
+    imgs = root / "imgs"
+    write_png(outside / "secret.png")
+    write_png(imgs / "good.png")
+    write_png(imgs / "sub" / "ok.png")
+    links = {
+        "abs_link.png": str(outside / "secret.png"),
+        "rel_link.png": "../../outside/secret.png",
+        "linkdir": str(outside),
+        "chain_a.png": "chain_b.png",
+        "chain_b.png": str(outside / "secret.png"),
+        "dangling_out.png": str(outside / "nothing.png"),
+        "up": "..",
+        "root_link": "/",
+        "loop_a.png": "loop_b.png",
+        "loop_b.png": "loop_a.png",
+        "sub/deep_link.png": "../../../outside/secret.png",
+        "sub/etc_link.png": "/etc/passwd",
+    }
+    for name, target in links.items():
+        (imgs / name).symlink_to(target)
+    long_path = "d/" * 2100 + "x.png"
+    escapes = f"image path escapes {imgs} via '..'"
+    absolute = "absolute image path (must be relative to imgs/)"
+    out_via = f"image path resolves outside {imgs} through symlink"
+    hostile = {
+        "../../outside/secret.png": escapes,
+        "..": escapes,
+        "../reid_raw.json": escapes,
+        "sub/../../outside/secret.png": escapes,
+        str(outside / "secret.png"): absolute,
+        "//etc/passwd": absolute,
+        "\\\\server\\share\\x.png": absolute,
+        "..\\..\\outside\\secret.png": "image path contains a backslash at char 2 (the separator is '/')",
+        "sub\\ok.png": "image path contains a backslash at char 3 (the separator is '/')",
+        "C:\\Windows\\x.png": "image path starts with the Windows drive 'C:' (must be relative to imgs/)",
+        "c:secret.png": "image path starts with the Windows drive 'c:' (must be relative to imgs/)",
+        "good.png\x00../../x": "image path contains control character U+0000 at char 8",
+        "a" * 256: f"image path component '{'a' * 119}…' is 256 bytes long (limit 255)",
+        "é" * 128: f"image path component '{'é' * 119}…' is 256 bytes long (limit 255)",  # 128 chars
+        long_path: f"image path is {len(str(imgs)) + 1 + len(long_path)} bytes long under {imgs} (limit 4095)",
+        "abs_link.png": f"{out_via} imgs/abs_link.png -> '{outside / 'secret.png'}'",
+        "rel_link.png": f"{out_via} imgs/rel_link.png -> '../../outside/secret.png'",
+        "linkdir/secret.png": f"{out_via} imgs/linkdir -> '{outside}'",
+        "chain_a.png": f"{out_via} imgs/chain_b.png -> '{outside / 'secret.png'}'",
+        "dangling_out.png": f"{out_via} imgs/dangling_out.png -> '{outside / 'nothing.png'}'",
+        "up/reid_raw.json": f"{out_via} imgs/up -> '..'",
+        "root_link/etc/passwd": f"{out_via} imgs/root_link -> '/'",
+        "loop_a.png": "image path follows more than 40 symlinks (a loop?), last imgs/loop_a.png -> 'loop_b.png'",
+        "sub/deep_link.png": f"{out_via} imgs/sub/deep_link.png -> '../../../outside/secret.png'",
+        "sub/etc_link.png": f"{out_via} imgs/sub/etc_link.png -> '/etc/passwd'",
+    }
+    records = [
+        rec(1, "good.png", ["A man."]),
+        rec(2, "up/imgs/sub/ok.png", ["A woman."]),  # leaves imgs/ by a symlink and comes back: fine
+        *(rec(3 + i, raw, ["A child."]) for i, raw in enumerate(hostile)),
+    ]
+    importer = RecordImporter(FORMATS["cuhk-pedes"], root, max_caption_chars=4000)
+    with file_access.recording():
+        for index, record in enumerate(records):
+            importer.add(index, record)
+
+    assert [row["image_path"] for row in importer.rows] == ["imgs/good.png", "imgs/up/imgs/sub/ok.png"]
+    got = [
+        (r.record_index, r.caption_index, r.image_path, str(r.reason), r.message) for r in importer.rejects
+    ]
+    assert got == [
+        (2 + i, 0, None, "unsafe_path", f"record {2 + i} ({printable(raw)}): {message}")
+        for i, (raw, message) in enumerate(hostile.items())
+    ]
+    # Nothing outside the dataset root was opened, listed or stat'ed; in fact nothing was opened at all.
+    touched = [(event, path) for event, path in file_access.events]
+    assert ("os.lstat", str(imgs / "good.png")) in touched  # the spies do see the importer's lookups
+    assert [(e, p) for e, p in touched if p != str(root) and not p.startswith(f"{root}/")] == []
+    assert [(e, p) for e, p in touched if e not in ("os.lstat", "os.readlink", "os.stat")] == []
 
 
 # Structural failures
