@@ -5,7 +5,9 @@ openai/clip-vit-base-patch16), images (H x W x 3 uint8) with their `Regions`, an
 per-sample cosine matrices (units x regions). Region crops are made in one of three modes — `box`
 (the box's pixels), `mask` (background blanked to the processor's mean colour) and `blur` (background
 Gaussian-blurred) — and ALL crops of a batch of images go through ONE batched vision forward per
-`batch_size` crops. Identical texts are embedded once. Inference only; bf16 autocast on CUDA.
+`batch_size` crops; a caller may make the crops first (`region_crops`) and score them later
+(`score_crops`), to drop each full-size image early. Identical texts are embedded once; nothing to score
+runs no model. Inference only; bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -115,15 +117,25 @@ class ClipScorer:
             for i in range(0, len(crops_chw), self.cfg.batch_size):
                 batch = torch.from_numpy(np.stack(crops_chw[i : i + self.cfg.batch_size])).to(self.device)
                 out.append(image_embeddings(self.model, to_pixel_values(batch, self.mean, self.std)).float())
-        return torch.cat(out) if out else torch.zeros((0, self.model.config.projection_dim))
+        return torch.cat(out) if out else self._no_embeddings()
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        """Embeddings for `texts`, computing each distinct string once."""
+        """Embeddings for `texts`, computing each distinct string once (none: a 0 x E tensor)."""
+        if not texts:  # tokenizers fail on an empty batch (IndexError), and there is nothing to run
+            return self._no_embeddings()
         unique = list(dict.fromkeys(texts))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             emb = encode_texts(self.model, self.processor, unique, self.cfg.batch_size, self.device)
         where = {t: i for i, t in enumerate(unique)}
-        return emb[[where[t] for t in texts]] if texts else emb
+        return emb[[where[t] for t in texts]]
+
+    def _no_embeddings(self) -> torch.Tensor:
+        """0 x E, on the model's device so it multiplies with real embeddings."""
+        return torch.zeros((0, self.model.config.projection_dim), device=self.device)
+
+    def region_crops(self, image_rgb: np.ndarray, regions) -> list[np.ndarray]:
+        """The model-input crops of one image's regions, in region order (none for no regions)."""
+        return [self.crop(image_rgb, regions.boxes_xyxy[r], regions.masks[r]) for r in range(len(regions))]
 
     def score(
         self,
@@ -135,16 +147,31 @@ class ClipScorer:
         """Cosine matrices, one per sample: len(texts) x len(regions of its image).
 
         images[i] has regions[i] (a `miners.regions.Regions`); sample j's texts are scored against the
-        regions of image `image_of_sample[j]` — several captions share one image's crops.
+        regions of image `image_of_sample[j]` — several captions share one image's crops. Empty inputs
+        are fine: no samples give [], a sample without texts a 0 x R matrix, an image without regions
+        N x 0 matrices; the model runs only on what exists.
         """
-        crops, owner = [], []
-        for i, (image, regs) in enumerate(zip(images, regions, strict=True)):
-            for r in range(len(regs)):
-                crops.append(self.crop(image, regs.boxes_xyxy[r], regs.masks[r]))
-                owner.append(i)
+        if not texts_per_sample:
+            return []
+        crops = [self.region_crops(image, regs) for image, regs in zip(images, regions, strict=True)]
+        return self.score_crops(crops, texts_per_sample, image_of_sample)
+
+    def score_crops(
+        self,
+        crops_per_image: list[list[np.ndarray]],
+        texts_per_sample: list[list[str]],
+        image_of_sample: list[int],
+    ) -> list[np.ndarray]:
+        """`score` from crops made beforehand (`region_crops`), so a caller can drop each full-size
+        image as soon as its crops exist; all crops still go through one batched vision pass."""
+        if not texts_per_sample:
+            return []
+        crops = [c for image_crops in crops_per_image for c in image_crops]
+        owner_arr = np.repeat(np.arange(len(crops_per_image)), [len(c) for c in crops_per_image])
         region_emb = self.embed_crops(crops)
-        owner_arr = np.asarray(owner, dtype=np.int64)
-        per_image = [region_emb[torch.from_numpy(np.flatnonzero(owner_arr == i))] for i in range(len(images))]
+        per_image = [
+            region_emb[torch.from_numpy(np.flatnonzero(owner_arr == i))] for i in range(len(crops_per_image))
+        ]
         flat_texts = [t for ts in texts_per_sample for t in ts]
         text_emb = self.embed_texts(flat_texts)
         out, pos = [], 0

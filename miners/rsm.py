@@ -6,8 +6,11 @@ reliability and the kept flag) and whose `status` follows STATUS_SCHEMA (exactly
 "ok" or an error kind with its message). Models load once per `RSMMiner` (build one per worker/actor):
 the splitter, the region proposer, the CLIP scorer and the calibrator. No Prefect, no Ray here.
 
-Per batch: load images safely → propose regions (batched) → split captions (spaCy pipe) → score all
-crops and units of the batch in one CLIP pass → match each unit → reliability → rows.
+Per batch (`images_per_batch` images): load images safely (inside the dataset root, regular files only)
+→ propose regions (batched) → crop them and drop the full-size pixels, `max_batch_pixels` decoded at a
+time (sizes read from the headers) → split captions (spaCy pipe) → score all crops and units of the
+batch in one CLIP pass → match each unit → reliability → rows. A batch in which nothing survives
+(every image unreadable, regionless or captioned with no sentences) gives no pairs, not an error.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import hashlib
 import json
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -25,8 +28,9 @@ import pyarrow as pa
 
 from miners.calibration import CALIBRATOR_FILENAME, Calibrator, default_calibrator
 from miners.clip_scorer import ClipScorer, ScorerConfig
-from miners.images import ImageLoadError, load_rgb
+from miners.images import ImageLoadError, contained_path, header_pixels, load_rgb
 from miners.matching import MatchConfig, UnitMatches, match_units
+from miners.regions import Regions
 from storage.rle import encode_mask
 from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA, ErrorKind
 
@@ -45,14 +49,19 @@ class RSMConfig:
     match: MatchConfig = field(default_factory=MatchConfig)
     calibrator: str | None = None  # None: <clip_model>/rsm-calibrator.json if present, else the default prior
     images_per_batch: int = 32
+    # Decoded pixels held at once: a batch is cut further so its images' width x height sum stays
+    # under this (about 200 MB of RGB at the default); one larger image still goes alone.
+    max_batch_pixels: int = 64_000_000
     device: str = "auto"
 
     # Change speed, not output: not part of a run's identity (nor of the pairs' config_fingerprint)
-    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "images_per_batch")
+    RUNTIME_FIELDS: ClassVar[tuple[str, ...]] = ("device", "images_per_batch", "max_batch_pixels")
 
     def __post_init__(self) -> None:
         if self.images_per_batch < 1:
             raise ValueError(f"images_per_batch must be >= 1, got {self.images_per_batch}")
+        if self.max_batch_pixels < 1:
+            raise ValueError(f"max_batch_pixels must be >= 1, got {self.max_batch_pixels}")
 
     def identity_dict(self) -> dict:
         """The fields that change the output, as plain JSON-able values."""
@@ -132,28 +141,59 @@ class RSMMiner:
         return MineResult(pairs=pairs, status=status, seconds=dict(seconds))
 
     def _mine_chunk(self, chunk: dict[str, list[dict]], root: Path, seconds) -> tuple[list[dict], list[dict]]:
+        """One batch of images → (pair rows, one status row per input row, in input order).
+
+        Full-size images are decoded `max_batch_pixels` at a time and dropped once their regions are
+        cropped; captions, CLIP and matching then run over the whole batch as one. So the budget bounds
+        memory without changing which crops and texts share a forward (the output does not depend on
+        it). Every stage tolerates an empty input: a batch where nothing survives gives no pairs."""
         status: dict[str, dict] = {}
+        prepared: dict[str, _Prepared] = {}
+        for part in self._pixel_budget_parts(chunk, root, seconds):
+            images = self._load_images(part, root, status, seconds)
+            regions = self._propose_regions(part, images, status, seconds)
+            prepared |= self._prepare(images, regions, seconds)
+        scored = self._split_captions(chunk, prepared, status, seconds)
+        cosines = self._score(prepared, scored, seconds)
+        pair_rows = self._match(scored, cosines, prepared, status, seconds)
+        ordered_status = [status[r["sample_id"]] for rows in chunk.values() for r in rows]
+        return pair_rows, ordered_status
+
+    def _pixel_budget_parts(self, chunk: dict[str, list[dict]], root: Path, seconds) -> list[dict]:
+        """`chunk` cut, in order, into parts of at most `max_batch_pixels` decoded pixels (headers only)."""
+        t = time.perf_counter()
+        image_ids = list(chunk)
+        pixels = [_header_pixels(root, chunk[iid][0]["image_path"]) for iid in image_ids]
+        seconds["load"] += time.perf_counter() - t
+        parts = split_by_pixel_budget(pixels, self.cfg.max_batch_pixels)
+        return [{image_ids[k]: chunk[image_ids[k]] for k in part} for part in parts]
+
+    def _load_images(self, chunk, root: Path, status: dict, seconds) -> dict[str, np.ndarray]:
         t = time.perf_counter()
         images: dict[str, np.ndarray] = {}
         for iid, rows in chunk.items():
             try:
-                images[iid] = load_rgb(root / rows[0]["image_path"])
+                images[iid] = load_rgb(contained_path(root, rows[0]["image_path"]))
             except ImageLoadError as exc:
                 for r in rows:
                     status[r["sample_id"]] = _status(r, exc.kind, str(exc))
         seconds["load"] += time.perf_counter() - t
+        return images
 
+    def _propose_regions(self, chunk, images: dict[str, np.ndarray], status: dict, seconds) -> dict:
         t = time.perf_counter()
         loaded = list(images)
-        try:
-            region_list = self.proposer.propose_batch([images[iid] for iid in loaded])
-        except Exception:  # one bad image must not sink the batch: retry one by one
-            region_list = []
-            for iid in loaded:
-                try:
-                    region_list.append(self.proposer.propose(images[iid]))
-                except Exception as exc:
-                    region_list.append(exc)
+        region_list: list = []
+        if loaded:  # a proposer need not accept an empty batch
+            try:
+                region_list = self.proposer.propose_batch([images[iid] for iid in loaded])
+            except Exception:  # one bad image must not sink the batch: retry one by one
+                region_list = []
+                for iid in loaded:
+                    try:
+                        region_list.append(self.proposer.propose(images[iid]))
+                    except Exception as exc:
+                        region_list.append(exc)
         regions = {}
         for iid, regs in zip(loaded, region_list, strict=True):
             if isinstance(regs, Exception) or len(regs) == 0:
@@ -166,10 +206,23 @@ class RSMMiner:
             else:
                 regions[iid] = regs
         seconds["regions"] += time.perf_counter() - t
+        return regions
 
+    def _prepare(self, images: dict[str, np.ndarray], regions: dict, seconds) -> dict[str, _Prepared]:
+        """What the rest of the batch needs of each image, so its pixels (and full-size masks) can go."""
         t = time.perf_counter()
-        samples = [r for iid in regions for r in chunk[iid]]
-        units = self.splitter.split_many([r["caption"] for r in samples])
+        prepared = {}
+        for iid, regs in regions.items():
+            rles = [json.dumps(encode_mask(m)) if m is not None else None for m in regs.masks]
+            crops = self.scorer.region_crops(images[iid], regs)
+            prepared[iid] = _Prepared(replace(regs, masks=[None] * len(regs)), rles, crops)
+        seconds["clip"] += time.perf_counter() - t
+        return prepared
+
+    def _split_captions(self, chunk, prepared: dict, status: dict, seconds) -> list[tuple[dict, list]]:
+        t = time.perf_counter()
+        samples = [r for iid in prepared for r in chunk[iid]]
+        units = self.splitter.split_many([r["caption"] for r in samples]) if samples else []
         scored = []
         for r, us in zip(samples, units, strict=True):
             if not us:
@@ -179,43 +232,42 @@ class RSMMiner:
             else:
                 scored.append((r, us))
         seconds["split"] += time.perf_counter() - t
+        return scored
 
+    def _score(self, prepared: dict[str, _Prepared], scored: list, seconds) -> list[np.ndarray]:
         t = time.perf_counter()
-        image_order = list(regions)
-        image_pos = {iid: k for k, iid in enumerate(image_order)}
-        cosines = self.scorer.score(
-            [images[iid] for iid in image_order],
-            [regions[iid] for iid in image_order],
-            [[u.text for u in us] for _, us in scored],
-            [image_pos[r["image_id"]] for r, _ in scored],
-        )
+        cosines: list[np.ndarray] = []
+        if scored:  # nothing to embed: the model (and its tokenizer, which fails on []) never runs
+            image_order = list(prepared)
+            image_pos = {iid: k for k, iid in enumerate(image_order)}
+            cosines = self.scorer.score_crops(
+                [prepared[iid].crops for iid in image_order],
+                [[u.text for u in us] for _, us in scored],
+                [image_pos[r["image_id"]] for r, _ in scored],
+            )
         seconds["clip"] += time.perf_counter() - t
+        return cosines
 
+    def _match(self, scored: list, cosines: list, prepared: dict, status: dict, seconds) -> list[dict]:
         t = time.perf_counter()
         pair_rows: list[dict] = []
-        rle_cache: dict[tuple[str, int], str | None] = {}
         for (r, us), cos in zip(scored, cosines, strict=True):
-            regs = regions[r["image_id"]]
+            image = prepared[r["image_id"]]
+            regs = image.regions
             m = match_units(cos, [u.part_tags for u in us], regs.labels, regs.quality, self.cfg.match)
             reliability = self.calibrator.predict(m)
             kept = reliability >= self.cfg.match.keep_threshold
             for k, u in enumerate(us):
-                pair_rows.append(
-                    self._pair_row(r, u, regs, m, k, float(reliability[k]), bool(kept[k]), rle_cache)
-                )
+                pair_rows.append(self._pair_row(r, u, image, m, k, float(reliability[k]), bool(kept[k])))
             status[r["sample_id"]] = _status(r, "ok", None, len(regs), len(us), len(us), int(kept.sum()))
         seconds["match"] += time.perf_counter() - t
-        ordered_status = [status[r["sample_id"]] for rows in chunk.values() for r in rows]
-        return pair_rows, ordered_status
+        return pair_rows
 
     def _pair_row(
-        self, r, u, regs, m: UnitMatches, k: int, reliability: float, kept: bool, rle_cache
+        self, r, u, image: _Prepared, m: UnitMatches, k: int, reliability: float, kept: bool
     ) -> dict:
+        regs = image.regions
         ri = int(m.region_index[k])
-        key = (r["image_id"], ri)
-        if key not in rle_cache:
-            mask = regs.masks[ri]
-            rle_cache[key] = json.dumps(encode_mask(mask)) if mask is not None else None
         return {
             "sample_id": r["sample_id"],
             "image_id": r["image_id"],
@@ -231,7 +283,7 @@ class RSMMiner:
             "region_source": regs.source,
             "region_label": regs.labels[ri],
             "bbox_xyxy": [float(v) for v in regs.boxes_xyxy[ri]],
-            "mask_rle": rle_cache[key],
+            "mask_rle": image.mask_rles[ri],
             "region_quality": float(m.region_quality[k]),
             "clip_cosine": float(m.clip_cosine[k]),
             "softmax_prob": float(m.softmax_prob[k]),
@@ -243,6 +295,16 @@ class RSMMiner:
             "clip_fingerprint": self.clip_fingerprint,
             "config_fingerprint": self.config_fingerprint,
         }
+
+
+@dataclass
+class _Prepared:
+    """One image of a batch after its pixels are dropped: regions (masks released), each region's
+    mask as the pairs' RLE JSON (None for a box-only region) and its model-input crop."""
+
+    regions: Regions
+    mask_rles: list[str | None]
+    crops: list[np.ndarray]
 
 
 def calibrator_path(cfg: RSMConfig) -> Path:
@@ -273,6 +335,31 @@ def matches_from_pairs(pairs: pa.Table) -> UnitMatches:
     )
 
 
+def split_by_pixel_budget(pixels: list[int], max_batch_pixels: int) -> list[list[int]]:
+    """Consecutive index runs of `pixels` whose sums stay within `max_batch_pixels`, order kept.
+
+    An image over the budget on its own still gets a run (alone): the budget bounds how many decoded
+    images are held together, it never drops one."""
+    parts: list[list[int]] = []
+    total = 0
+    for k, n in enumerate(pixels):
+        if parts and total + n <= max_batch_pixels:
+            parts[-1].append(k)
+            total += n
+        else:
+            parts.append([k])
+            total = n
+    return parts
+
+
+def _header_pixels(root: Path, image_path: str) -> int:
+    """Decoded size of one image for the budget; 0 for anything the loader will refuse unread."""
+    try:
+        return header_pixels(contained_path(root, image_path))
+    except ImageLoadError:
+        return 0
+
+
 def _status(row, status, message, n_regions=0, n_sentences=0, n_pairs=0, n_kept=0) -> dict:
     return {
         "sample_id": row["sample_id"],
@@ -291,4 +378,4 @@ def _rows_to_table(parts: list[list[dict]], schema: pa.Schema) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-__all__ = ["MineResult", "RSMConfig", "RSMMiner", "matches_from_pairs"]
+__all__ = ["MineResult", "RSMConfig", "RSMMiner", "matches_from_pairs", "split_by_pixel_budget"]

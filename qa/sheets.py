@@ -88,10 +88,30 @@ def _tile_image(item: SheetItem) -> Image.Image:
     img = Image.fromarray(rgb).resize(size, Image.BILINEAR)
     ox, oy = (TILE_W_PX - size[0]) // 2, (IMAGE_H_PX - size[1]) // 2
     canvas.paste(img, (ox, oy))
-    x0, y0, x1, y1 = (float(v) for v in item.bbox_xyxy)
-    box = [ox + x0 * scale, oy + y0 * scale, ox + x1 * scale - 1, oy + y1 * scale - 1]
+    box = _tile_box(item.bbox_xyxy, scale, (ox, oy))
     ImageDraw.Draw(canvas).rectangle(box, outline=(0, 200, 255), width=2)
     return canvas
+
+
+def _tile_box(
+    bbox_xyxy: tuple[float, float, float, float], scale: float, offset_xy: tuple[int, int]
+) -> list[float]:
+    """An image-pixel box (exclusive max) as an inclusive [x0, y0, x1, y1] rectangle of the tile.
+
+    Downscaling a very wide or tall image shrinks a thin box below one pixel, and its inclusive corner
+    (`- 1`) then lands before its start: PIL refuses such a rectangle and the whole report fails. So
+    each side keeps at least 1 px (x1 >= x0, y1 >= y0) and the box stays inside the tile."""
+    x0, y0, x1, y1 = (float(v) for v in bbox_xyxy)
+    left, right = _tile_span(x0, x1, scale, offset_xy[0], TILE_W_PX)
+    top, bottom = _tile_span(y0, y1, scale, offset_xy[1], IMAGE_H_PX)
+    return [left, top, right, bottom]
+
+
+def _tile_span(lo: float, hi: float, scale: float, offset: int, tile_px: int) -> tuple[float, float]:
+    """[lo, hi) in image pixels → inclusive [start, end] in tile pixels, start <= end, both in the tile."""
+    start = min(max(offset + lo * scale, 0.0), tile_px - 1.0)
+    end = min(max(offset + hi * scale - 1, start), tile_px - 1.0)
+    return start, end
 
 
 def contact_sheet(items: list[SheetItem], path: Path, title: str, columns: int = 6) -> Path:

@@ -77,6 +77,8 @@ class ErrorKind(StrEnum):
     """The status vocabulary: every status-shard row is "ok" (`STATUS_OK`) or one of these kinds."""
 
     MISSING = "missing_image"
+    NOT_A_REGULAR_FILE = "not_a_regular_file"  # a directory, FIFO, socket or device where an image should be
+    UNSAFE_PATH = "unsafe_path"  # resolves outside the dataset root (e.g. swapped for a symlink after import)
     UNREADABLE = "unreadable_image"  # not an image / unknown format / permission
     CORRUPT = "corrupt_image"  # header fine, pixel data broken or truncated
     BOMB = "decompression_bomb"

@@ -100,3 +100,38 @@ def test_fingerprint_ignores_what_we_write_beside_the_model(tiny_clip_dir, tmp_p
     assert model_fingerprint(copy) == before
     (copy / "config.json").write_text((copy / "config.json").read_text().replace("}", ' , "x": 1}', 1))
     assert model_fingerprint(copy) != before
+
+
+def test_score_with_nothing_to_score_runs_no_model(tiny_clip_dir):
+    scorer = ClipScorer(tiny_clip_dir)
+    calls = []
+    hooks = [
+        scorer.model.vision_model.register_forward_hook(lambda m, i, o: calls.append("vision")),
+        scorer.model.text_model.register_forward_hook(lambda m, i, o: calls.append("text")),
+    ]
+    image = np.full((64, 32, 3), 100, np.uint8)
+    dim = scorer.model.config.projection_dim
+    assert scorer.score([], [], [], []) == []  # a batch where every image failed
+    assert scorer.score([image], [_regions()], [], []) == []  # images, but no sentences
+    assert tuple(scorer.embed_texts([]).shape) == (0, dim)
+    assert tuple(scorer.embed_crops([]).shape) == (0, dim)
+    assert calls == []
+    # A sample without texts, next to a real one: a 0 x R matrix; an image without regions: N x 0.
+    out = scorer.score(
+        [image, image], [_regions(), Regions.empty("prior")], [[], ["red jacket"], ["a hat"]], [0, 0, 1]
+    )
+    for hook in hooks:
+        hook.remove()
+    assert [o.shape for o in out] == [(0, 3), (1, 3), (1, 0)]
+    assert calls == ["vision", "text"]  # the crops of the first image, the two distinct texts
+
+
+def test_score_crops_matches_score(tiny_clip_dir):
+    scorer = ClipScorer(tiny_clip_dir)
+    images = [np.random.default_rng(k).integers(0, 255, (64, 32, 3), dtype=np.uint8) for k in range(2)]
+    texts, owners = [["red jacket", "black shoes"], ["a hat"]], [1, 0]
+    direct = scorer.score(images, [_regions(), _regions()], texts, owners)
+    crops = [scorer.region_crops(image, _regions()) for image in images]
+    assert [len(c) for c in crops] == [3, 3]
+    for a, b in zip(direct, scorer.score_crops(crops, texts, owners), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -61,3 +61,38 @@ def test_sheet_tile_of_a_missing_image_says_why(tmp_path):
         assert img.format == "PNG" and img.width > 2 * 150
         pixels = np.asarray(img.convert("RGB"))
     assert (pixels == 235).all(axis=2).sum() > 100 * 100  # the grey placeholder tile, with the reason on it
+
+
+def _sheet_item(path, bbox):
+    return SheetItem(
+        image_path=path,
+        bbox_xyxy=bbox,
+        mask_rle=None,
+        sentence="a thin strip",
+        reliability=0.9,
+        correct=True,
+        region_label="upper",
+        sample_id=f"{path.name}#0",
+    )
+
+
+def test_sheet_tiles_of_very_wide_and_tall_images_draw_their_boxes(tmp_path):
+    # Downscaled into a 168 x 224 tile, a 10000 x 20 image is 1 px high: its box's inclusive bottom
+    # (y0 + 20 * scale - 1) falls before its top, which PIL refuses unless the box is clamped.
+    Image.new("RGB", (10000, 20), (90, 90, 90)).save(tmp_path / "wide.png")
+    Image.new("RGB", (20, 10000), (90, 90, 90)).save(tmp_path / "tall.png")
+    items = [
+        _sheet_item(tmp_path / "wide.png", (0.0, 0.0, 10000.0, 20.0)),
+        _sheet_item(tmp_path / "tall.png", (0.0, 0.0, 20.0, 10000.0)),
+        _sheet_item(tmp_path / "wide.png", (5000.0, 5.0, 5001.0, 6.0)),  # a 1 px box: still drawn
+    ]
+    path = contact_sheet(items, tmp_path / "sheet.png", "extreme aspect ratios", columns=3)
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB")).astype(int)
+    box_colour = np.all(pixels == (0, 200, 255), axis=2)
+    for column in range(3):  # every tile carries the region box colour
+        x = 6 + column * (168 + 6)
+        assert box_colour[30 : 30 + 224, x : x + 168].sum() >= 1, column
+    # The wide image's box spans the tile's width, the tall image's its height.
+    assert box_colour[30 : 30 + 224, 6 : 6 + 168].any(axis=0).sum() >= 160
+    assert box_colour[30 : 30 + 224, 180 : 180 + 168].any(axis=1).sum() >= 215
