@@ -4,7 +4,11 @@ Consumes an output folder written by `storage.shards` (OUT/_SUCCESS, OUT/_run.js
 and their stats files); produces Arrow tables, polars LazyFrames and lists of problems. Files come
 from the run manifest only, never from a glob, so a stray or half-published file is never read. An
 unfinished run is readable only with `allow_partial=True`, which lists the shards that have a stats
-file (committed ones).
+file (committed ones). Every listed file is checked against the run manifest before it is read: its size
+always, its sha256 by `read_*` (`check_hash=True`, the default; a flipped bit in a data page would
+otherwise decode silently), so a truncated, changed or missing shard file is a ShardCorruptError
+naming it. `scan_*` check sizes only (hashing would read every byte before the lazy scan); run
+`verify_run` for a full check.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from storage.schemas import check_version, with_version
 from storage.shards import (
     RUN_FILE,
     SUCCESS_FILE,
+    ShardCorruptError,
     ShardStoreError,
     build_run_manifest,
     check_file,
@@ -51,9 +56,18 @@ def read_run_manifest(out_dir: str | Path, allow_partial: bool = False) -> dict[
     return build_run_manifest(plan, committed_records(out, plan), finalized=False)
 
 
-def _files(out_dir: str | Path, kind: str, allow_partial: bool) -> list[Path]:
+def _checked(out_dir: str | Path, entry: dict[str, Any], check_hash: bool) -> Path:
+    """The listed file's path, after checking it against its run-manifest entry."""
+    path = Path(out_dir) / entry["file"]
+    problem = check_file(path, entry["sha256"], entry["size_bytes"], check_hash)
+    if problem:
+        raise ShardCorruptError(f"{problem}; the run manifest {Path(out_dir) / SUCCESS_FILE} lists it")
+    return path
+
+
+def _files(out_dir: str | Path, kind: str, allow_partial: bool, check_hash: bool = False) -> list[Path]:
     manifest = read_run_manifest(out_dir, allow_partial)
-    return [Path(out_dir) / shard[kind]["file"] for shard in manifest["shards"]]
+    return [_checked(out_dir, shard[kind], check_hash) for shard in manifest["shards"]]
 
 
 def pair_files(out_dir: str | Path, allow_partial: bool = False) -> list[Path]:
@@ -66,7 +80,9 @@ def status_files(out_dir: str | Path, allow_partial: bool = False) -> list[Path]
     return _files(out_dir, "status", allow_partial)
 
 
-def _read(out_dir: str | Path, kind: str, columns: list[str] | None, allow_partial: bool) -> pa.Table:
+def _read(
+    out_dir: str | Path, kind: str, columns: list[str] | None, allow_partial: bool, check_hash: bool
+) -> pa.Table:
     manifest = read_run_manifest(out_dir, allow_partial)
     # One schema for the whole table: per-file metadata (rsm.shard_id) would not hold for all rows
     schema = with_version(kind, {"rsm.run_id": manifest["run_id"]})
@@ -77,7 +93,7 @@ def _read(out_dir: str | Path, kind: str, columns: list[str] | None, allow_parti
         schema = pa.schema([schema.field(c) for c in columns], metadata=schema.metadata)
     tables = []
     for shard in manifest["shards"]:
-        path = Path(out_dir) / shard[kind]["file"]
+        path = _checked(out_dir, shard[kind], check_hash)
         parquet = pq.ParquetFile(path)
         check_version(kind, parquet.schema_arrow, str(path))
         tables.append(parquet.read(columns=columns).replace_schema_metadata(schema.metadata))
@@ -85,17 +101,23 @@ def _read(out_dir: str | Path, kind: str, columns: list[str] | None, allow_parti
 
 
 def read_pairs(
-    out_dir: str | Path, columns: list[str] | None = None, allow_partial: bool = False
+    out_dir: str | Path,
+    columns: list[str] | None = None,
+    allow_partial: bool = False,
+    check_hash: bool = True,
 ) -> pa.Table:
     """All pairs of the run (PAIRS_SCHEMA, or the given columns), shard order."""
-    return _read(out_dir, "pairs", columns, allow_partial)
+    return _read(out_dir, "pairs", columns, allow_partial, check_hash)
 
 
 def read_status(
-    out_dir: str | Path, columns: list[str] | None = None, allow_partial: bool = False
+    out_dir: str | Path,
+    columns: list[str] | None = None,
+    allow_partial: bool = False,
+    check_hash: bool = True,
 ) -> pa.Table:
     """All status rows of the run (STATUS_SCHEMA, or the given columns): one per manifest row."""
-    return _read(out_dir, "status", columns, allow_partial)
+    return _read(out_dir, "status", columns, allow_partial, check_hash)
 
 
 def _scan(out_dir: str | Path, kind: str, allow_partial: bool) -> pl.LazyFrame:

@@ -387,9 +387,11 @@ def read_committed(
     return record
 
 
-def pending_shards(out_dir: str | Path, plan: RunPlan) -> list[int]:
-    """Shard ids with no stats file yet (resume skips the others)."""
-    return [s.shard_id for s in plan.shards if read_committed(out_dir, plan, s.shard_id) is None]
+def pending_shards(out_dir: str | Path, plan: RunPlan, check_hash: bool = True) -> list[int]:
+    """Shard ids with no stats file yet (resume skips the others). The committed ones are checked
+    against their recorded sha256 first (ShardCorruptError naming the file): a resume must not build
+    on a shard that changed since it was committed."""
+    return [s.shard_id for s in plan.shards if read_committed(out_dir, plan, s.shard_id, check_hash) is None]
 
 
 # ---------------------------------------------------------------------------------------------- commit
