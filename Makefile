@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench clean-demo deploy-demo
+.PHONY: setup demo test lint bench reliability clean-demo deploy-demo
 
 setup: $(STAMP)
 
@@ -32,6 +32,10 @@ test: setup lint
 
 demo: setup
 	$(PY) -m flows.demo
+
+# Long fault-injection repetitions (>= 20 worker kills mid-shard); figures in bench/RELIABILITY.md
+reliability: setup
+	$(VENV)/bin/pytest -q -s -m reliability
 
 bench: setup
 	$(PY) bench/run_all.py

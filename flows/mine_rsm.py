@@ -257,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{summary['out']}: {summary['shards_committed']}/{summary['n_shards']} shards "
         f"({summary['shards_mined_now']} mined now), "
-        f"{summary['ok_rows']} ok + {summary['rejected_rows']} rejected rows, {summary['pairs']} pairs "
+        f"{summary['ok_rows']} ok rows + {summary['mining_error_rows']} rows with mining errors, {summary['pairs']} pairs "
         f"({summary['kept_pairs']} kept), {summary['images_per_s']} images/s, {summary['wall_s']}s"
     )
     if "qa" in summary:

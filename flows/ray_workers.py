@@ -22,7 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 
 from flows.env import apply_offline_defaults
 
@@ -227,24 +227,38 @@ class ShardPool:
         self._spawned += 1
         return slot
 
-    def start(self) -> list[dict[str, Any]]:
-        """Start the actors and wait until they loaded their models; WorkerStartError if none did."""
+    def start(self, respawns_per_worker: int = 2) -> list[dict[str, Any]]:
+        """Start the actors and wait until they loaded their models; WorkerStartError if none did.
+
+        An actor that dies while starting (killed, OOM, a lost node) is replaced, up to
+        `respawns_per_worker` times per worker; one that does not start in `start_timeout_s` is not.
+        """
         t0 = time.perf_counter()
-        slots = [self._spawn() for _ in range(self.plan.n_workers)]
-        refs = {slot.actor.ready.remote(): slot for slot in slots}
+        respawns = self.plan.n_workers * respawns_per_worker
+        waiting = {
+            slot.actor.ready.remote(): slot for slot in (self._spawn() for _ in range(self.plan.n_workers))
+        }
         errors: list[str] = []
-        for ref, slot in refs.items():
-            remaining = max(1.0, self.start_timeout_s - (time.perf_counter() - t0))
+        while waiting:
+            remaining = self.start_timeout_s - (time.perf_counter() - t0)
+            ready, _ = ray.wait(list(waiting), num_returns=1, timeout=max(0.0, remaining))
+            if not ready:  # start-up timeout: give up on every actor still loading
+                for slot in waiting.values():
+                    errors.append(
+                        f"worker {slot.index}: not started after {self.start_timeout_s:.0f}s (resources busy?)"
+                    )
+                    ray.kill(slot.actor, no_restart=True)
+                break
+            slot = waiting.pop(ready[0])
             try:
-                slot.info = ray.get(ref, timeout=remaining)
+                slot.info = ray.get(ready[0])
                 self._slots.append(slot)
-            except GetTimeoutError:
-                errors.append(
-                    f"worker {slot.index}: not started after {self.start_timeout_s:.0f}s (resources busy?)"
-                )
-                ray.kill(slot.actor, no_restart=True)
             except (RayActorError, RayTaskError) as exc:
                 errors.append(f"worker {slot.index}: {describe_error(exc)}")
+                if respawns > 0:
+                    respawns -= 1
+                    fresh = self._spawn()
+                    waiting[fresh.actor.ready.remote()] = fresh
         self.start_s = time.perf_counter() - t0
         if not self._slots:
             raise WorkerStartError(f"no mining worker could start: {'; '.join(errors)}")

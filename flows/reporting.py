@@ -100,7 +100,7 @@ def summarize(opts: MineOptions, plan: RunPlan, report: MiningReport, wall_s: fl
         "shards_failed": {str(k): v for k, v in sorted(report.failed.items())},
         "manifest_rows": plan.n_rows,
         "ok_rows": ok_rows,
-        "rejected_rows": sum(status_counts.values()) - ok_rows,
+        "mining_error_rows": sum(status_counts.values()) - ok_rows,  # status other than ok, by kind below
         "status_counts": dict(sorted(status_counts.items())),
         "pairs": sum(records[s]["pairs"]["n_rows"] for s in records),
         "kept_pairs": sum(records[s]["n_kept_pairs"] for s in records),
@@ -144,7 +144,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"| shards committed / total | {summary['shards_committed']} / {summary['n_shards']} |\n"
         f"| shards mined in this run | {summary['shards_mined_now']} |\n"
         f"| manifest rows | {summary['manifest_rows']} |\n"
-        f"| ok / rejected rows | {summary['ok_rows']} / {summary['rejected_rows']} |\n"
+        f"| ok rows / rows with mining errors | {summary['ok_rows']} / {summary['mining_error_rows']} |\n"
         f"| pairs / kept | {summary['pairs']} / {summary['kept_pairs']} |\n"
         f"| images/s (this run) | {summary['images_per_s']} |\n"
         f"| wall s (Ray start, workers start, fan-out) | {summary['wall_s']} ({summary['ray_start_s']}, "

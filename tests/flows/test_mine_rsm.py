@@ -29,15 +29,6 @@ SHARD_SIZE = 8
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
     """A throwaway Prefect API (temporary database and PREFECT_HOME) for in-process flow runs."""
     from prefect.settings import PREFECT_HOME, temporary_settings
@@ -109,7 +100,7 @@ def test_flow_commits_every_manifest_row_exactly_once(reference, params):
     assert sorted(status["sample_id"].to_pylist()) == sorted(manifest_ids)
     lazy = scan_status(out).collect()
     assert lazy.height == len(manifest_ids) == lazy["sample_id"].n_unique()
-    assert summary["ok_rows"] + summary["rejected_rows"] == len(manifest_ids)
+    assert summary["ok_rows"] + summary["mining_error_rows"] == len(manifest_ids)
 
     # Pairs: keys unique, every pair belongs to a manifest row
     pairs = read_pairs(out)

@@ -5,21 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from flows.ray_workers import PoolPlan, ShardPool, plan_pool
+from flows.ray_workers import PoolPlan, ShardPool, WorkerStartError, plan_pool
 from storage.plan import load_shard_rows, plan_shards
-from tests.faults import faulty_miner
+from tests.faults import crash_first_start, faulty_miner
 
 pytestmark = pytest.mark.timeout(300)
 SHARD_SIZE = 8
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +76,15 @@ def test_pool_kills_a_stuck_worker_after_the_shard_timeout(ray_local, params):
     done = {e.shard_id: e for e in events if e.kind == "done"}
     assert [e.shard_id for e in retries] == [0] and "timed out" in retries[0].error
     assert sorted(done) == [0, 1] and done[0].attempt == 2
+
+
+def test_pool_replaces_an_actor_that_dies_while_starting(ray_local, params, tmp_path):
+    config = {"clip_model": params["clip_model"], "images_per_batch": 4}
+    actor_cls = crash_first_start(str(tmp_path / "crashed-once"))
+    with ShardPool(config, PoolPlan(1, 1.0, 0.0, "test"), actor_cls=actor_cls) as pool:
+        assert len(pool.start_infos()) == 1  # the replacement started
+    assert (tmp_path / "crashed-once").is_file()
+    with pytest.raises(WorkerStartError, match="no mining worker could start"):
+        ShardPool(
+            config, PoolPlan(1, 1.0, 0.0, "test"), actor_cls=crash_first_start(str(tmp_path / "x"))
+        ).start(respawns_per_worker=0)

@@ -16,7 +16,7 @@ def _summary(**overrides) -> dict:
         "shards_failed": {},
         "manifest_rows": 37,
         "ok_rows": 35,
-        "rejected_rows": 2,
+        "mining_error_rows": 2,
         "status_counts": {"corrupt_image": 2, "ok": 35},
         "pairs": 140,
         "kept_pairs": 99,
@@ -33,7 +33,7 @@ def _summary(**overrides) -> dict:
 def test_summary_markdown_holds_the_figures():
     md = summary_markdown(_summary())
     assert "run `r-1`: complete" in md
-    assert "| manifest rows | 37 |" in md and "| ok / rejected rows | 35 / 2 |" in md
+    assert "| manifest rows | 37 |" in md and "| ok rows / rows with mining errors | 35 / 2 |" in md
     assert "| pairs / kept | 140 / 99 |" in md and "| corrupt_image | 2 |" in md
     assert "Failed shards" not in md
 
