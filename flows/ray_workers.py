@@ -6,7 +6,8 @@ the driver) and the dataset root; produces a stream of `ShardEvent`s on the driv
 its (pairs, status) tables and stage timings as a `ShardOutput`. The driver hands every output to an
 `accept` callback (the flow commits the shard there, on the driver's filesystem) before it counts as
 done; a failing call or callback is retried on any live actor up to `max_retries` times, a dead actor
-is replaced, and one shard's failure never stops the others. No Prefect here: the flow wraps this.
+(killed, OOM, its node lost) is replaced, and one shard's failure never stops the others. No Prefect
+here: the flow wraps this.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError
 
 from flows.env import apply_offline_defaults
 
@@ -297,9 +298,13 @@ class ShardPool:
         raises, the attempt counts as failed. Each shard gets 1 + max_retries attempts. Each actor has
         up to `tasks_per_worker` shards queued, so it never idles while the driver commits.
         shard_timeout_s: an attempt unfinished `shard_timeout_s x tasks_per_worker` after dispatch (the
-        actor's earlier queued shards and a replacement actor's start-up count in: set it well above
-        both) gets its actor killed; the dead-actor path then replaces the actor and retries the
-        shard, so one hung worker cannot stall the run.
+        actor's earlier queued shards count in: set it well above them) gets its actor killed; the
+        dead-actor path then replaces the actor and retries the shard, so one hung worker cannot stall
+        the run.
+        A replacement actor gets shards only once it has started: after a node is lost the cluster may
+        have no room for it (the survivors hold every slot), and shards queued on an actor that is never
+        placed would wait forever while the survivors idle. If no shard is in flight and no replacement
+        starts within `start_timeout_s`, the remaining shards fail.
         """
         if max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {max_retries}")
@@ -309,7 +314,17 @@ class ShardPool:
         dead: set[int] = set()
         timed_out: set[int] = set()
         in_flight: dict[Any, tuple[_Slot, int, int, float]] = {}
+        starting: dict[Any, _Slot] = {}  # replacements' ready() refs: they join `free` once started
         respawn_budget = len(self._slots) * (max_retries + 1)  # dead actors replaced at most this often
+        stalled_since: float | None = None  # when the last shard in flight finished with shards left
+
+        def replace() -> None:
+            nonlocal respawn_budget
+            if respawn_budget > 0:
+                respawn_budget -= 1
+                fresh = self._spawn()
+                self._slots.append(fresh)
+                starting[fresh.actor.ready.remote()] = fresh
 
         while queue or in_flight:
             while queue and free:
@@ -319,21 +334,49 @@ class ShardPool:
                 sid, attempt = queue.popleft()
                 ref = slot.actor.mine.remote(sid, rows_for(sid), root, attempt)
                 in_flight[ref] = (slot, sid, attempt, time.perf_counter())
-            if not in_flight:  # shards left but every actor died and none may be replaced
+            if in_flight:
+                stalled_since = None
+            elif starting:  # only replacements can mine the rest: wait for one, but not forever
+                stalled_since = stalled_since or time.perf_counter()
+                if time.perf_counter() - stalled_since > self.start_timeout_s:
+                    for fresh in starting.values():
+                        ray.kill(fresh.actor, no_restart=True)
+                        self._slots.remove(fresh)
+                    starting.clear()
+                    reason = (
+                        f"no mining worker left: replacements not started after {self.start_timeout_s:.0f}s"
+                    )
+                    while queue:
+                        sid, attempt = queue.popleft()
+                        yield ShardEvent("failed", sid, attempt, error=reason)
+                    break
+            else:  # shards left but every actor died and none may be replaced
                 while queue:
                     sid, attempt = queue.popleft()
                     yield ShardEvent("failed", sid, attempt, error="no live mining worker left")
                 break
 
-            ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0 if shard_timeout_s else None)
-            if not ready:  # watchdog: kill actors whose shard is overdue; their calls then fail below
-                now = time.perf_counter()
-                for overdue_slot, _, _, t_sent in list(in_flight.values()):
-                    if overdue_slot.index not in timed_out and now - t_sent > shard_timeout_s * depth:
-                        timed_out.add(overdue_slot.index)
-                        ray.kill(overdue_slot.actor, no_restart=True)
+            waiting = list(in_flight) + list(starting)
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=1.0 if shard_timeout_s or starting else None)
+            if not ready:  # a tick (watchdog, start-up wait); nothing finished
+                if shard_timeout_s:  # kill actors whose shard is overdue; their calls then fail below
+                    now = time.perf_counter()
+                    for overdue_slot, _, _, t_sent in list(in_flight.values()):
+                        if overdue_slot.index not in timed_out and now - t_sent > shard_timeout_s * depth:
+                            timed_out.add(overdue_slot.index)
+                            ray.kill(overdue_slot.actor, no_restart=True)
                 continue
             ref = ready[0]
+            if ref in starting:
+                fresh = starting.pop(ref)
+                try:
+                    fresh.info = ray.get(ref)
+                except (RayActorError, RayTaskError):  # died while starting: its place is offered again
+                    self._slots.remove(fresh)
+                    replace()
+                else:
+                    free.extend([fresh] * depth)
+                continue
             slot, sid, attempt, t_submit = in_flight.pop(ref)
             error = None
             try:
@@ -345,11 +388,16 @@ class ShardPool:
                 if slot.index not in dead:  # its other queued shard fails the same way: replace once
                     dead.add(slot.index)
                     self._slots.remove(slot)
-                    if respawn_budget > 0:  # the replacement's first call waits for its models
-                        respawn_budget -= 1
-                        fresh = self._spawn()
-                        self._slots.append(fresh)
-                        free.extend([fresh] * depth)
+                    # ActorUnavailableError may be a transient RPC failure: make sure the actor is gone
+                    # rather than left running, unreachable from the pool, on a slot it still holds
+                    ray.kill(slot.actor, no_restart=True)
+                    replace()
+            except (ObjectLostError, NodeDiedError) as exc:
+                # A lost node, seen from the call's result rather than the actor: the output was lost
+                # with the node's object store before the driver fetched it (the shard was mined), or the
+                # node died under the call. If the actor went with it, its next call fails as dead above
+                error = f"output lost: {describe_error(exc)}"
+                free.append(slot)
             except RayTaskError as exc:
                 error = describe_error(exc)
                 free.append(slot)

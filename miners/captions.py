@@ -13,6 +13,8 @@ Clause splitting then runs on the tokens: a sentence naming two different parts 
 the last separator run (comma, "and", "with", "is wearing", ...) between the two part nouns, so
 "She wears a red jacket and black trousers" -> "She wears a red jacket" | "black trousers", while a
 colour coordination ("a black and white striped shirt") never counts as a separator.
+Format characters (zero-width, bidi controls, BOM, soft hyphen) are invisible to the rules: they run on
+the caption without them, and each unit's span, mapped back, keeps the ones inside it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import json
 import re
 import sys
 import unicodedata
+from bisect import bisect_left
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -65,6 +68,12 @@ _RIGHT_WORDS = frozenset((
     "he", "she", "they", "his", "her", "their", "in", "sporting",
 ))  # fmt: skip
 _COORDINATORS = frozenset({"and", "or", ",", "&", "/"})
+# Basic colour terms of pedestrian captions (CUHK-PEDES, ICFG-PEDES, RSTPReid all use these), one
+# spelling each; refine_clip swaps one for another to make a hard negative sentence.
+COLOUR_WORDS: tuple[str, ...] = (
+    "black", "white", "red", "blue", "green", "yellow", "orange", "purple", "pink", "brown", "grey",
+    "beige",
+)  # fmt: skip
 # Words that coordinate inside one garment phrase ("black and white", "long and curly"): an "and"
 # between two of them joins modifiers, it does not separate part phrases.
 _MODIFIERS = frozenset((
@@ -223,9 +232,24 @@ def _mentions(doc: Doc) -> list[_Mention]:
     return [_Mention(s, e, frozenset(t)) for (s, e), t in sorted(grouped.items())]
 
 
+def _mentions_within(mentions: list[_Mention], starts: list[int], lo: int, hi: int) -> list[_Mention]:
+    """The mentions inside tokens [lo, hi); `starts` are the mentions' starts.
+
+    Mentions are sorted and disjoint, so those inside form one run from the first starting at `lo`:
+    found by bisection, which keeps a long caption linear (a scan of every mention per sentence and per
+    unit made a 200,000-char caption take seconds, a 1,000,000-char one minutes)."""
+    first = last = bisect_left(starts, lo)
+    while last < len(mentions) and mentions[last].end <= hi:
+        last += 1
+    return mentions[first:last]
+
+
 def build_nlp(lexicon: dict[str, list[str]] | None = None) -> Language:
     """spacy.blank("en") + abbreviation special cases + the two rule components."""
     nlp = spacy.blank("en")
+    # spaCy refuses texts over 1,000,000 chars to protect parser/NER memory; these rule components
+    # need none, and a caption that long must still split (the importer bounds caption length).
+    nlp.max_length = sys.maxsize
     for abbr in ABBREVIATIONS:
         for variant in {abbr, abbr.capitalize(), abbr.upper()}:
             nlp.tokenizer.add_special_case(variant, [{"ORTH": variant}])
@@ -272,8 +296,8 @@ def _cut_between(doc: Doc, lo: int, hi: int) -> int | None:
     return cut
 
 
-def _clause_ranges(doc: Doc, sent: Span, mentions: list[_Mention]) -> list[tuple[int, int]]:
-    inside = [m for m in mentions if sent.start <= m.start and m.end <= sent.end]
+def _clause_ranges(doc: Doc, sent: Span, inside: list[_Mention]) -> list[tuple[int, int]]:
+    """Token ranges of the clauses of `sent`, given the mentions `inside` it."""
     cuts = []
     for left, right in zip(inside, inside[1:], strict=False):
         if left.tags & right.tags:
@@ -287,6 +311,21 @@ def _clause_ranges(doc: Doc, sent: Span, mentions: list[_Mention]) -> list[tuple
 
 def _is_invisible(ch: str) -> bool:
     return ch.isspace() or unicodedata.category(ch) == "Cf"
+
+
+def _without_format_chars(text: str) -> tuple[str, list[int] | None]:
+    """`text` minus its format characters (category Cf: zero-width, bidi, BOM, soft hyphen) and, when it
+    had any, the index in `text` of every char kept.
+
+    Glued to a word they are invisible yet make a different token: "jacket\u200b" is no garment and
+    "jacket\u200b." no sentence end. So the rules run on the text without them, and the units' spans are
+    mapped back to the caption (which keeps them, inside the units)."""
+    if text.isascii():  # no ASCII char is Cf: the common case costs no scan
+        return text, None
+    kept = [i for i, ch in enumerate(text) if unicodedata.category(ch) != "Cf"]
+    if len(kept) == len(text):
+        return text, None
+    return "".join(text[i] for i in kept), kept
 
 
 def _trim(doc: Doc, start: int, end: int, drop_leading_separators: bool) -> tuple[int, int]:
@@ -318,21 +357,31 @@ class CaptionSplitter:
             if not isinstance(caption, str):
                 raise TypeError(f"caption {row}: expected str, got {type(caption).__name__}")
         # Lone surrogates cannot be encoded by spaCy; replacing them 1:1 keeps every char offset.
-        texts = (_SURROGATES.sub("\ufffd", c) for c in captions)
-        docs = self.nlp.pipe(texts, batch_size=batch_size)
-        return [self._units(doc, caption) for doc, caption in zip(docs, captions, strict=True)]
+        views = [_without_format_chars(_SURROGATES.sub("\ufffd", c)) for c in captions]
+        docs = self.nlp.pipe((text for text, _ in views), batch_size=batch_size)
+        return [
+            self._units(doc, caption, kept)
+            for doc, caption, (_, kept) in zip(docs, captions, views, strict=True)
+        ]
 
-    def _units(self, doc: Doc, caption: str) -> list[TextUnit]:
+    def _units(self, doc: Doc, caption: str, kept: list[int] | None = None) -> list[TextUnit]:
+        """Units of `caption` from its `doc`; `kept` maps doc char offsets to the caption's (None: same)."""
         mentions = _mentions(doc)
+        starts = [m.start for m in mentions]
         units: list[TextUnit] = []
         for sent in doc.sents:
-            ranges = _clause_ranges(doc, sent, mentions) if self.split_clauses else [(sent.start, sent.end)]
+            if self.split_clauses:
+                ranges = _clause_ranges(doc, sent, _mentions_within(mentions, starts, sent.start, sent.end))
+            else:
+                ranges = [(sent.start, sent.end)]
             for k, (start, end) in enumerate(ranges):
                 start, end = _trim(doc, start, end, drop_leading_separators=k > 0)
                 if start >= end:
                     continue
                 char_start = doc[start].idx
                 char_end = doc[end - 1].idx + len(doc[end - 1].text)
+                if kept is not None:
+                    char_start, char_end = kept[char_start], kept[char_end - 1] + 1
                 # Strip invisible chars the tokenizer kept at a token's edge (NBSP, zero-width space).
                 while char_start < char_end and _is_invisible(caption[char_start]):
                     char_start += 1
@@ -341,7 +390,7 @@ class CaptionSplitter:
                 text = caption[char_start:char_end]
                 if not any(ch.isalnum() for ch in text):
                     continue  # punctuation-only remains ("...", "-")
-                tags = set().union(*(m.tags for m in mentions if start <= m.start and m.end <= end))
+                tags = set().union(*(m.tags for m in _mentions_within(mentions, starts, start, end)))
                 units.append(TextUnit(text, char_start, char_end, len(units), tuple(sorted(tags))))
         return units
 
@@ -357,7 +406,7 @@ def _tagger(lexicon_json: str | None) -> Language:
 def part_tags(text: str, lexicon: dict[str, list[str]] | None = None) -> tuple[str, ...]:
     """Sorted body-part tags that `text` names, e.g. "a red dress" -> ("lower", "upper")."""
     key = None if lexicon is None else json.dumps(lexicon, sort_keys=True)
-    doc = _tagger(key)(_SURROGATES.sub("\ufffd", text))
+    doc = _tagger(key)(_without_format_chars(_SURROGATES.sub("\ufffd", text))[0])
     return tuple(sorted({span.label_ for span in doc.spans[SPANS_KEY]}))
 
 

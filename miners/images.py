@@ -56,8 +56,16 @@ def contained_path(root: str | Path, image_path: str) -> Path:
     the manifest does."""
     root = Path(root)
     path = root / image_path
+    # Lexical refusals first, so an absolute or '..' path never makes a single system call outside.
+    parts = Path(image_path).parts
+    if Path(image_path).is_absolute() or ".." in parts:
+        raise ImageLoadError(
+            ErrorKind.UNSAFE_PATH, f"{path}: the image path must be relative to {root} without '..'"
+        )
     try:
         target, inside = path.resolve(), root.resolve()
+    except ValueError as exc:  # an embedded NUL: no file can have this name, and none is opened
+        raise ImageLoadError(ErrorKind.UNSAFE_PATH, f"{path!r}: not a valid path ({exc})") from exc
     except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python 3.11)
         raise ImageLoadError(ErrorKind.UNREADABLE, f"{path}: cannot resolve ({exc})") from exc
     if not target.is_relative_to(inside):

@@ -1,4 +1,5 @@
-"""Fault injection for the flow tests: a ShardMiner subclass that fails on chosen shards.
+"""Fault injection for the flow tests: a ShardMiner subclass that fails on chosen shards, and the run +
+output comparison that every fault test (worker kills, node loss) measures against a fault-free run.
 
 Production code has no fault hooks; tests hand `faulty_miner(...)` to `ShardPool(actor_cls=...)` or
 `run_mining(actor_cls=...)`. This module is pickled by value, so Ray workers need not import `tests`.
@@ -6,9 +7,12 @@ Production code has no fault hooks; tests hand `faulty_miner(...)` to `ShardPool
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
+import threading
 import time
+from pathlib import Path
 
 import ray.cloudpickle
 
@@ -53,6 +57,11 @@ class SlowShardMiner(ShardMiner):
         return super().mine(shard_id, rows, root, attempt)
 
 
+def slow_miner(sleep_s: float) -> type[ShardMiner]:
+    """A SlowShardMiner class sleeping `sleep_s` per shard (same name, so shard_miner_pids finds it)."""
+    return type("SlowShardMiner", (SlowShardMiner,), {"SLEEP_S": sleep_s})
+
+
 def shard_miner_pids(mining_only: bool = False) -> list[int]:
     """PIDs of this machine's mining actors (Ray titles them "ray::<ActorClass>[.method]"); with
     `mining_only`, only those running `mine` right now (mid-shard)."""
@@ -90,3 +99,70 @@ class CrashFirstStart(ShardMiner):
 
 def crash_first_start(marker: str) -> type[ShardMiner]:
     return type("CrashFirstStart", (CrashFirstStart,), {"MARKER": marker})
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+
+# What every faulted run must measure (see output_figures)
+FAULT_FREE = {
+    "rows_lost": 0,
+    "status_rows_duplicated": 0,
+    "pair_keys_duplicated": 0,
+    "pairs_lost": 0,
+    "glob_equals_manifest": True,
+    "bytes_equal_fault_free": True,
+    "verify_problems": 0,
+}
+
+
+def mine_under_faults(
+    params: dict, out: Path, injector: threading.Thread | None, actor_cls: type[ShardMiner] = SlowShardMiner
+) -> dict:
+    """Run the real mining pipeline (retries generous enough for any number of injected faults) while
+    `injector` (a thread with a `stop` Event, or None for the fault-free reference) strikes; summary."""
+    from flows.mine_rsm import run_mining
+    from flows.options import build_options, params_from
+
+    opts = build_options(params_from(out=str(out), max_retries=20, **params))
+    if injector:
+        injector.start()
+    try:
+        return run_mining(opts, actor_cls=actor_cls)
+    finally:
+        if injector:
+            injector.stop.set()
+            injector.join()
+
+
+def output_figures(out: Path, reference: Path, manifest: str) -> dict:
+    """The run in `out` measured against the fault-free run in `reference` (FAULT_FREE when equal)."""
+    import pyarrow.parquet as pq
+
+    from storage.reader import read_pairs, read_run_manifest, read_status, verify_run
+
+    manifest_ids = pq.read_table(manifest, columns=["sample_id"])["sample_id"].to_pylist()
+    status_ids = read_status(out)["sample_id"].to_pylist()
+    pairs = read_pairs(out)
+    keys = list(
+        zip(*(pairs[c].to_pylist() for c in ("sample_id", "sentence_index", "region_id")), strict=True)
+    )
+    ref_keys = set(
+        zip(
+            *(read_pairs(reference)[c].to_pylist() for c in ("sample_id", "sentence_index", "region_id")),
+            strict=True,
+        )
+    )
+    listed = {s[k]["file"] for s in read_run_manifest(out)["shards"] for k in ("pairs", "status")}
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
+
+    return {
+        "rows_lost": len(set(manifest_ids) - set(status_ids)),
+        "status_rows_duplicated": len(status_ids) - len(set(status_ids)),
+        "pair_keys_duplicated": len(keys) - len(set(keys)),
+        "pairs_lost": len(ref_keys - set(keys)),
+        "glob_equals_manifest": {p.name for p in out.glob("*.parquet")} == listed,
+        "bytes_equal_fault_free": digests(out) == digests(reference),
+        "verify_problems": len(verify_run(out)),
+    }

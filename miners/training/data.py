@@ -20,7 +20,7 @@ from PIL import Image
 
 from miners.captions import CaptionSplitter
 from miners.encoders import input_size_hw, tokenize
-from miners.images import ImageLoadError, load_rgb
+from miners.images import ImageLoadError, contained_path, load_rgb
 
 
 @dataclass
@@ -92,7 +92,8 @@ def build_clip_data(
             continue
         if iid not in image_index:
             try:
-                rgb = load_rgb(root / row["image_path"])
+                # Training reads the same manifests as mining, so the same root containment holds.
+                rgb = load_rgb(contained_path(root, row["image_path"]))
             except ImageLoadError as exc:
                 skipped[iid] = f"{exc.kind}: {exc}"
                 continue

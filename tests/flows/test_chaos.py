@@ -8,7 +8,6 @@ repeated runs and prints the figures recorded in bench/RELIABILITY.md.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -16,26 +15,13 @@ import signal
 import threading
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
-from flows.mine_rsm import run_mining
-from flows.options import build_options, params_from
-from storage.reader import read_pairs, read_run_manifest, read_status, verify_run
-from tests.faults import SlowShardMiner, shard_miner_pids
+from storage.reader import read_pairs
+from tests.faults import FAULT_FREE, mine_under_faults, output_figures, shard_miner_pids
 
 pytestmark = pytest.mark.timeout(1800)
 SHARD_SIZE = 4
-# What every faulted run must measure (see _figures)
-FAULT_FREE = {
-    "rows_lost": 0,
-    "status_rows_duplicated": 0,
-    "pair_keys_duplicated": 0,
-    "pairs_lost": 0,
-    "glob_equals_manifest": True,
-    "bytes_equal_fault_free": True,
-    "verify_problems": 0,
-}
 
 
 class Killer(threading.Thread):
@@ -61,53 +47,12 @@ class Killer(threading.Thread):
                     pass
 
 
-def _mine(params: dict, out: Path, killer: Killer | None) -> dict:
-    opts = build_options(params_from(out=str(out), max_retries=20, **params))
-    if killer:
-        killer.start()
-    try:
-        return run_mining(opts, actor_cls=SlowShardMiner)
-    finally:
-        if killer:
-            killer.stop.set()
-            killer.join()
-
-
-def _figures(out: Path, reference: Path, manifest: str) -> dict:
-    manifest_ids = pq.read_table(manifest, columns=["sample_id"])["sample_id"].to_pylist()
-    status_ids = read_status(out)["sample_id"].to_pylist()
-    pairs = read_pairs(out)
-    keys = list(
-        zip(*(pairs[c].to_pylist() for c in ("sample_id", "sentence_index", "region_id")), strict=True)
-    )
-    ref_keys = set(
-        zip(
-            *(read_pairs(reference)[c].to_pylist() for c in ("sample_id", "sentence_index", "region_id")),
-            strict=True,
-        )
-    )
-    listed = {s[k]["file"] for s in read_run_manifest(out)["shards"] for k in ("pairs", "status")}
-
-    def digests(folder: Path) -> dict[str, str]:
-        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.parquet"))}
-
-    return {
-        "rows_lost": len(set(manifest_ids) - set(status_ids)),
-        "status_rows_duplicated": len(status_ids) - len(set(status_ids)),
-        "pair_keys_duplicated": len(keys) - len(set(keys)),
-        "pairs_lost": len(ref_keys - set(keys)),
-        "glob_equals_manifest": {p.name for p in out.glob("*.parquet")} == listed,
-        "bytes_equal_fault_free": digests(out) == digests(reference),
-        "verify_problems": len(verify_run(out)),
-    }
-
-
 @pytest.fixture(scope="module")
 def setup(ray_local, tiny_dataset, tiny_clip_dir, tmp_path_factory):
     params = {"manifest": str(tiny_dataset / "manifest.parquet"), "clip_model": str(tiny_clip_dir)}
     params["shard_size"] = SHARD_SIZE
     reference = tmp_path_factory.mktemp("fault_free") / "shards"
-    _mine(params, reference, None)
+    mine_under_faults(params, reference, None)
     return params, reference
 
 
@@ -119,8 +64,8 @@ def _kill_runs(setup, tmp_path, total_kills: int, max_runs: int) -> dict:
             break
         out = tmp_path / f"run{run}"
         killer = Killer(seed=1000 + run, max_kills=min(6, total_kills - totals["kills"]))
-        summary = _mine(params, out, killer)
-        figures = _figures(out, reference, params["manifest"])
+        summary = mine_under_faults(params, out, killer)
+        figures = output_figures(out, reference, params["manifest"])
         assert summary["finalized"] and not summary["shards_failed"], summary["shards_failed"]
         assert figures == FAULT_FREE, figures
         totals["runs"] += 1
@@ -167,4 +112,4 @@ def test_driver_killed_mid_run_resumes_to_the_fault_free_result(setup, tmp_path)
     with pytest.raises(RunNotFinalizedError):
         read_pairs(out)
     assert subprocess.run(argv, env=env, capture_output=True, timeout=600).returncode == 0
-    assert _figures(out, reference, params["manifest"]) == FAULT_FREE
+    assert output_figures(out, reference, params["manifest"]) == FAULT_FREE

@@ -26,6 +26,7 @@ from miners.images import ImageLoadError, load_rgb
 from miners.rsm import RSMConfig, RSMMiner
 from storage.manifest import read_manifest
 from storage.schemas import MANIFEST_SCHEMA, ErrorKind
+from tests import audit
 
 GREY, RED = (128, 128, 128), (255, 0, 0)
 EXIF_ORIENTATION_TAG = 0x0112
@@ -356,3 +357,69 @@ def test_a_symlink_out_of_the_root_is_refused_in_a_batch(miner, tmp_path):
     )
     assert fine["status"] == "ok"
     assert set(result.pairs["image_id"].to_pylist()) == {"fine.png"}
+
+
+@pytest.fixture
+def file_access(monkeypatch):
+    return audit.install(monkeypatch)
+
+
+def test_hostile_paths_in_a_manifest_open_nothing_outside_the_root(miner, tmp_path, file_access):
+    """A manifest edited (or written by another tool) after import: the miner refuses every path that
+    leaves the root, and the audit hook shows no file outside the root was opened."""
+    base = tmp_path.resolve()
+    root, outside = base / "root", base / "outside"
+    (root / "sub").mkdir(parents=True)
+    outside.mkdir()
+    for folder in (root, outside):
+        Image.new("RGB", (64, 128), GREY).save(folder / "secret.png")
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "rel_link.png").symlink_to("../outside/secret.png")
+    (root / "linkdir").symlink_to(outside)
+    (root / "chain_a.png").symlink_to("chain_b.png")
+    (root / "chain_b.png").symlink_to(outside / "secret.png")
+    (root / "sub" / "loop.png").symlink_to("loop.png")
+    hostile = {
+        "../outside/secret.png": ErrorKind.UNSAFE_PATH,
+        "sub/../../outside/secret.png": ErrorKind.UNSAFE_PATH,
+        str(outside / "secret.png"): ErrorKind.UNSAFE_PATH,
+        "link.png": ErrorKind.UNSAFE_PATH,
+        "rel_link.png": ErrorKind.UNSAFE_PATH,
+        "linkdir/secret.png": ErrorKind.UNSAFE_PATH,
+        "chain_a.png": ErrorKind.UNSAFE_PATH,
+        "secret.png\x00../../outside/secret.png": ErrorKind.UNSAFE_PATH,
+        # On POSIX a backslash is an ordinary name character: these name files inside root that do not exist.
+        "..\\outside\\secret.png": ErrorKind.MISSING,
+        "sub\\secret.png": ErrorKind.MISSING,
+        "d/" * 2100 + "x.png": ErrorKind.UNREADABLE,  # over PATH_MAX
+        "a" * 300 + ".png": ErrorKind.UNREADABLE,  # over NAME_MAX
+        "sub/loop.png": ErrorKind.UNREADABLE,  # a symlink loop
+    }
+    rows = [
+        {
+            "sample_id": f"{k}#0",
+            "image_id": f"img-{k}",
+            "person_id": 1,
+            "split": "test",
+            "image_path": path,
+            "caption_index": 0,
+            "caption": "A man in a red jacket.",
+            "gt_regions": None,
+            "gt_links": None,
+        }
+        for k, path in enumerate([*hostile, "secret.png"])
+    ]
+    with file_access.recording():
+        result = miner.mine(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), root)
+    status = result.status.to_pylist()
+    assert [s["status"] for s in status] == [str(kind) for kind in hostile.values()] + ["ok"]
+    assert all(s["error_message"] for s in status[:-1])
+    assert set(result.pairs["image_id"].to_pylist()) == {f"img-{len(hostile)}"}  # only root/secret.png
+    opened = [path for event, path in file_access.events if event == "open"]
+    assert str(root / "secret.png") in opened  # the hook sees the miner's reads ...
+    # ... and nothing outside the root was opened, listed or changed. (Only the test's own folder is
+    # judged: lazy imports may open library files.) Resolving a symlink does lstat its target -- that is
+    # how the escape is seen -- so stat-family lookups are the only events allowed outside the root.
+    near = [(e, p) for e, p in file_access.outside(root) if p.startswith(f"{base}/")]
+    assert [(e, p) for e, p in near if e not in ("os.lstat", "os.stat", "os.readlink")] == []
+    assert {p for _, p in near} <= {str(outside), str(outside / "secret.png")}

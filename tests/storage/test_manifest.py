@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import stat
@@ -17,6 +16,8 @@ from PIL import Image
 from storage.importers import FORMATS, RecordImporter, printable
 from storage.manifest import import_dataset, main, read_manifest
 from storage.schemas import MANIFEST_SCHEMA
+from tests import audit
+from tests.audit import FileAccess
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -383,55 +384,9 @@ def test_path_naming_the_folder_itself_gets_its_own_message(tmp_path: Path, raw:
     ]
 
 
-# Audit hooks cannot be removed, so the one hook this module installs records only while this is a list.
-_ACCESS_LOG: list[tuple[str, str]] | None = None
-_AUDIT_HOOK_INSTALLED = False
-
-
-def _record_access(event: str, args: tuple) -> None:
-    log = _ACCESS_LOG
-    if log is None or not (event == "open" or event.startswith("os.")):
-        return
-    # `open` is (path, mode, flags): only its first argument is a path (an int when opening a descriptor).
-    for arg in args[:1] if event == "open" else args:
-        if isinstance(arg, str | bytes | os.PathLike):
-            log.append((event, os.fsdecode(arg)))
-
-
-class FileAccess:
-    """The paths opened or looked at (event, path) while `recording()` is active."""
-
-    def __init__(self) -> None:
-        self.events: list[tuple[str, str]] = []
-
-    @contextlib.contextmanager
-    def recording(self):
-        global _ACCESS_LOG
-        _ACCESS_LOG = self.events
-        try:
-            yield self
-        finally:
-            _ACCESS_LOG = None
-
-
 @pytest.fixture
 def file_access(monkeypatch) -> FileAccess:
-    """Record `open` and `os.*` audit events, plus os.stat/lstat/readlink, which raise no audit event."""
-    global _AUDIT_HOOK_INSTALLED
-    if not _AUDIT_HOOK_INSTALLED:
-        sys.addaudithook(_record_access)
-        _AUDIT_HOOK_INSTALLED = True
-    for name in ("stat", "lstat", "readlink"):
-        original = getattr(os, name)
-
-        def spy(path, *args, _original=original, _event=f"os.{name}", **kwargs):
-            log = _ACCESS_LOG
-            if log is not None and isinstance(path, str | bytes | os.PathLike):
-                log.append((_event, os.fsdecode(path)))
-            return _original(path, *args, **kwargs)
-
-        monkeypatch.setattr(os, name, spy)
-    return FileAccess()
+    return audit.install(monkeypatch)
 
 
 @pytest.mark.timeout(60)  # opening the FIFO would block forever: fail instead of hanging the suite

@@ -61,3 +61,17 @@ def test_unreadable_image_is_skipped_by_name(tiny_dataset, processor, tmp_path):
     data = build_clip_data(elsewhere, processor)
     assert len(data) == 0 and first["image_id"] in data.skipped
     assert "unreadable_image" in data.skipped[first["image_id"]]
+
+
+def test_an_image_swapped_for_a_symlink_out_of_the_root_is_skipped(tiny_dataset, processor, tmp_path):
+    table, meta = read_manifest(tiny_dataset / "manifest.parquet")
+    first = table.slice(0, 1).to_pylist()[0]
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes((tiny_dataset / first["image_path"]).read_bytes())
+    link = root / first["image_path"]
+    link.parent.mkdir(parents=True)
+    link.symlink_to(outside / "secret.png")  # a readable image, but not inside the dataset root
+    elsewhere = table.slice(0, 1).replace_schema_metadata({b"rsm.root": str(root).encode()})
+    data = build_clip_data(elsewhere, processor)
+    assert len(data) == 0 and data.skipped[first["image_id"]].startswith("unsafe_path: ")
