@@ -2,8 +2,9 @@
 
 1. `python -m flows.demo` — the demo's outputs are the benchmarks' inputs (reused when present);
 2. `bench/rsm_quality.py` — pseudo-label precision / coverage / ECE on a held-out synthetic seed;
-3. `bench/train_ablation.py` — ROGLE global vs global+local vs unweighted, clean and with injected noise;
-4. `bench/qa_scale.py` — the QA report on 1M generated pairs.
+3. `bench/content_reliability.py` — the QA content test per refine round, on the demo and a held-out seed;
+4. `bench/train_ablation.py` — ROGLE global vs global+local vs unweighted, clean and with injected noise;
+5. `bench/qa_scale.py` — the QA report on 1M generated pairs.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ STEPS = [
         "--calib-manifest",
         str(DEMO / "calib/manifest.parquet"),
     ],
+    [sys.executable, str(BENCH / "content_reliability.py"), "--demo", str(DEMO)],
     [sys.executable, str(BENCH / "train_ablation.py"), "--pairs", str(DEMO / "shards")],
     [sys.executable, str(BENCH / "qa_scale.py")],
 ]

@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         f"## ROGLE training ablation ({date.today().isoformat()})",
         "",
         f"Machine: {machine()}. Command: `{command}`. Pairs: `{args.pairs}` (train split), initialised from the "
-        f"mining run's tiny CLIP, {args.epochs} epochs, seeds {args.seeds}; mean ± std over seeds. Test split "
+        f"mining run's CLIP (`{read_run_config(args.pairs).rsm.clip_model}`), {args.epochs} epochs, seeds {args.seeds}; mean ± std over seeds. Test split "
         "text→image retrieval (R1, mAP), long queries (≥ 5 sentences) R1, and sentence→region grounding "
         f"accuracy on ground-truth regions. Injected noise: {args.noise:.0%} of the train captions' text units "
         f"({n_injected}) replaced by another person's before mining; the noisy runs train on those captions "

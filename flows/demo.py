@@ -2,9 +2,11 @@
 
 Consumes nothing but this repository; produces everything under `outputs/demo/`:
 `data/` (synthetic pvlg dataset), `manifest.parquet`, `calib/` (a second, independently seeded
-benchmark used only to fit the reliability calibrator), `models/tiny-clip/` (bootstrapped CLIP +
-`rsm-calibrator.json`), `shards/` (committed pairs through the `mine-rsm` flow), `qa/` (noise report)
-and `train/` (a short ROGLE training). Every step skips work already done, so a second run is quick.
+benchmark used only to fit the reliability calibrators), `models/tiny-clip/` (bootstrapped CLIP, its
+reference bank `rsm-bank.*` and `rsm-calibrator.json`), `shards-rounds/` (round 0 mined with it, and
+`round-1/clip`, the CLIP refined on round 0's kept pairs), `shards/` (the last round, through the
+`mine-rsm` flow with `--rounds 1`), `qa/` (noise report, `rounds.png` comparing the rounds) and
+`train/` (a short ROGLE training on the last round). Every step skips work already done, so a second run is quick.
 
     python -m flows.demo [--out outputs/demo] [--identities 480] [--images-per-id 4]
 """
@@ -45,17 +47,34 @@ def _manifest(root: Path, out: Path) -> None:
         raise SystemExit(f"manifest import failed for {root}")
 
 
+def _bank(manifest: Path, clip_dir: Path) -> None:
+    from miners.bank import BankError, ReferenceBank
+    from miners.bank import main as bank_main
+    from miners.clip_scorer import model_fingerprint
+
+    try:
+        ReferenceBank.load(clip_dir, expect_fingerprint=model_fingerprint(clip_dir), crop_mode="box")
+        print(f"  reusing the reference bank in {clip_dir}")
+        return
+    except BankError:
+        pass
+    if bank_main(["--manifest", str(manifest), "--clip-model", str(clip_dir)]) != 0:
+        raise SystemExit("building the reference bank failed")
+
+
 def _calibrate(calib_manifest: Path, clip_dir: Path) -> None:
-    from miners.calibration import CALIBRATOR_FILENAME, Calibrator
+    from miners.calibration import CALIBRATOR_FILENAME, Calibrator, features_for
     from miners.clip_scorer import model_fingerprint
     from miners.training.fit_calibrator import main as calibrate_main
 
     path = clip_dir / CALIBRATOR_FILENAME
     if path.is_file():
         try:
-            Calibrator.load(path, expect_fingerprint=model_fingerprint(clip_dir))
-            print(f"  reusing {path}")
-            return
+            cal = Calibrator.load(path, expect_fingerprint=model_fingerprint(clip_dir))
+            # One fitted on other features (before the bank existed, an older release) is refit.
+            if cal.features == features_for("combined", content=True, colour=True):
+                print(f"  reusing {path}")
+                return
         except ValueError:
             pass
     rc = calibrate_main(["--manifest", str(calib_manifest), "--clip-model", str(clip_dir), "--split", ""])
@@ -71,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images-per-id", type=int, default=4)
     ap.add_argument("--bootstrap-epochs", type=int, default=12)
     ap.add_argument("--train-epochs", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="refine rounds (mine, refine the CLIP, mine again)")
+    ap.add_argument("--refine-epochs", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     out = args.out
@@ -111,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("tiny CLIP bootstrap failed")
     done("bootstrap")
 
+    step("bank")
+    _bank(manifest, clip_dir)
+    done("bank")
+
     step("calibrate")
     _calibrate(calib_manifest, clip_dir)
     done("calibrate")
@@ -129,6 +154,14 @@ def main(argv: list[str] | None = None) -> int:
             str(clip_dir),
             "--qa-out",
             str(qa_dir),
+            "--qa-inject-noise",
+            "0.3",
+            "--rounds",
+            str(args.rounds),
+            "--refine-epochs",
+            str(args.refine_epochs),
+            "--calibration-manifest",
+            str(calib_manifest),
         ]
     )
     if rc:
@@ -160,12 +193,22 @@ def main(argv: list[str] | None = None) -> int:
         )
         + (f", ECE {qa['ece']:.3f}" if qa.get("ece") is not None else "")
     )
+    rounds_path = qa_dir / "rounds.json"
+    for r in json.loads(rounds_path.read_text())["rounds"] if rounds_path.is_file() else []:
+        print(
+            f"round {r['round']}                   precision {r['precision_kept']:.3f}, coverage {r['coverage']:.3f}, "
+            f"ECE {r['ece']:.3f}, AUROC of reliability vs injected units "
+            + ", ".join(f"{k[6:]} {v:.3f}" for k, v in r.items() if k.startswith("auroc_") and v is not None)
+        )
     print(
         f"ROGLE (short training)    R1 {train['R1']:.1f}%  mAP {train['mAP']:.1f}%  "
         f"long-query R1 {train['long_query'].get('R1', float('nan')):.1f}%  "
         f"local grounding {train.get('local_grounding_acc') or float('nan'):.1f}%"
     )
-    print(f"outputs                   {out}/{{manifest.parquet,models/,shards/,qa/report.html,train/}}")
+    print(
+        f"outputs                   {out}/{{manifest.parquet,models/,shards-rounds/,shards/,qa/report.html,"
+        "qa/rounds.png,train/}"
+    )
     print(f"step seconds              {json.dumps(timings)}")
     return 0
 

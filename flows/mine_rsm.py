@@ -16,11 +16,13 @@ artifacts, and `--no-prefect` runs the same functions without a Prefect API.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
@@ -51,7 +53,9 @@ from flows.reporting import (
     qa_headline,
     summarize,
 )
+from flows.rounds import run_rounds
 from miners.run_config import run_config_for
+from qa.config import INJECT_MODES, ReportConfig
 from qa.report import build_report
 from storage.plan import SORT_KEYS, RunPlan, load_shard_rows, plan_shards, read_manifest_table
 from storage.shards import (
@@ -192,19 +196,25 @@ def mine_rsm(
     manifest: str,
     out: str,
     clip_model: str | None = _D["clip_model"],
+    calibrator: str | None = _D["calibrator"],
     proposer: str = _D["proposer"],
     sam_checkpoint: str | None = _D["sam_checkpoint"],
     sam_model_type: str = _D["sam_model_type"],
     crop_mode: str = _D["crop_mode"],
     match_mode: str = _D["match_mode"],
     images_per_batch: int = _D["images_per_batch"],
+    max_batch_pixels: int = _D["max_batch_pixels"],
     shard_size: int = _D["shard_size"],
     ray_address: str | None = _D["ray_address"],
     max_workers: int | None = _D["max_workers"],
     gpus_per_worker: float = _D["gpus_per_worker"],
     max_retries: int = _D["max_retries"],
     shard_timeout_s: float | None = _D["shard_timeout_s"],
+    rounds: int = _D["rounds"],
+    refine_epochs: int = _D["refine_epochs"],
+    calibration_manifest: str | None = _D["calibration_manifest"],
     qa_out: str | None = _D["qa_out"],
+    qa_inject_noise: float | None = _D["qa_inject_noise"],
     progress_bar: bool = _D["progress_bar"],
 ) -> dict[str, Any]:
     """Mine MANIFEST into the shard folder OUT (resuming it), then, with `qa_out`, write the QA report
@@ -214,11 +224,44 @@ def mine_rsm(
     reporters: list[Reporter] = [LogReporter(get_run_logger()), ArtifactReporter()]
     if params.progress_bar:
         reporters.append(TqdmReporter())
-    summary = run_mining(opts, reporters, stage=_as_task)
-    if params.qa_out:
-        qa = _as_task("qa-report", build_report, out, params.qa_out, manifest)
-        publish_qa_artifacts(qa)
-        summary["qa"] = qa_headline(qa)
+    summary = mine_and_report(opts, params, reporters, stage=_as_task)
+    if "qa_report" in summary:
+        publish_qa_artifacts(summary.pop("qa_report"))
+    return summary
+
+
+def qa_config(params: MineParams) -> ReportConfig:
+    """The flow's QA settings: with `qa_inject_noise`, every injection mode."""
+    if params.qa_inject_noise is None:
+        return ReportConfig()
+    return ReportConfig(inject_noise=params.qa_inject_noise, inject_modes=INJECT_MODES)
+
+
+def mine_and_report(
+    opts: MineOptions, params: MineParams, reporters: list[Reporter], stage: Callable[..., Any] = _direct
+) -> dict[str, Any]:
+    """Mine (every round, when `rounds` > 0) and, with `qa_out`, write the QA report(s); the summary
+    carries `qa` (headline figures) and `qa_report` (the whole qa.json dict) when a report was made."""
+    qa_cfg = qa_config(params)
+    if opts.rounds:
+        summary = run_rounds(
+            opts,
+            lambda o: run_mining(o, reporters, stage=stage),
+            stage=stage,
+            qa_out=params.qa_out,
+            qa_cfg=qa_cfg,
+            manifest=params.manifest,
+        )
+        if params.qa_out:
+            summary["qa_report"] = json.loads((Path(params.qa_out) / "qa.json").read_text())
+    else:
+        summary = run_mining(opts, reporters, stage=stage)
+        if params.qa_out:
+            summary["qa_report"] = stage(
+                "qa-report", build_report, opts.out, params.qa_out, params.manifest, qa_cfg
+            )
+    if "qa_report" in summary:
+        summary["qa"] = qa_headline(summary["qa_report"])
     return summary
 
 
@@ -243,9 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         opts = build_options(params)  # fail fast, before a Prefect API or Ray starts
         if no_prefect:
             logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-            summary = run_mining(opts, [LogReporter(logging.getLogger("mine-rsm")), TqdmReporter()])
-            if qa_out:
-                summary["qa"] = qa_headline(build_report(opts.out, qa_out, args.manifest))
+            reporters = [LogReporter(logging.getLogger("mine-rsm")), TqdmReporter()]
+            summary = mine_and_report(opts, params, reporters)
+            summary.pop("qa_report", None)
         else:
             summary = mine_rsm(**(values | {"progress_bar": True}))
     except ShardsFailedError as exc:  # rc 1: a rerun resumes (and may succeed)

@@ -47,12 +47,19 @@ class MineParams:
     manifest: str = field(metadata={"help": "manifest Parquet (python -m storage.manifest)"})
     out: str = field(metadata={"help": "shard folder; an unfinished run there is resumed"})
     clip_model: str | None = _opt(None, "CLIP from_pretrained folder (required)")
+    calibrator: str | None = _opt(
+        None, "reliability calibrator JSON (default: rsm-calibrator.json in the CLIP folder, else the prior)"
+    )
     proposer: str = _opt(_rsm_default("proposer"), "region proposer", choices=PROPOSER_NAMES)
     sam_checkpoint: str | None = _opt(None, "segment-anything .pth (sam-* proposers)")
     sam_model_type: str = _opt(_rsm_default("sam_model_type"), "vit_b | vit_l | vit_h | tiny")
     crop_mode: str = _opt(_rsm_default("crop_mode"), "how a region is cropped for CLIP", choices=CROP_MODES)
     match_mode: str = _opt(MatchConfig().mode, "matching features", choices=MATCH_MODES)
     images_per_batch: int = _opt(_rsm_default("images_per_batch"), "images per CLIP batch")
+    max_batch_pixels: int = _opt(
+        _rsm_default("max_batch_pixels"),
+        "decoded pixels (width*height, from headers) one mining batch may hold; bounds worker memory",
+    )
     shard_size: int = _opt(256, "manifest rows per shard (images are never split)")
     ray_address: str | None = _opt(None, "Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     max_workers: int | None = _opt(None, "at most this many Ray actors (default: CPU/GPU slots)")
@@ -61,7 +68,19 @@ class MineParams:
     shard_timeout_s: float | None = _opt(
         None, "seconds before a worker stuck on one shard is killed", flag="--shard-timeout"
     )
+    rounds: int = _opt(
+        0,
+        "refine rounds: mine, fine-tune the CLIP on the kept pairs (miners.refine_clip), mine again; OUT is the last",
+    )
+    refine_epochs: int = _opt(2, "epochs of each refine round")
+    calibration_manifest: str | None = _opt(
+        None,
+        "manifest with ground truth to refit each refined model's calibrator (default: the start model's)",
+    )
     qa_out: str | None = _opt(None, "also write the QA report (python -m qa.report) into this folder")
+    qa_inject_noise: float | None = _opt(
+        None, "with --qa-out: also run QA's injection check at this fraction (each mode, each round)"
+    )
     progress_bar: bool = _opt(False, "show a tqdm bar (the CLI turns it on)", cli=False)
 
 
@@ -112,8 +131,15 @@ class MineOptions:
     gpus_per_worker: float
     max_retries: int
     shard_timeout_s: float | None
+    rounds: int = 0
+    refine_epochs: int = 2
+    calibration_manifest: str | None = None
 
     def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if self.rounds and self.refine_epochs < 1:
+            raise ValueError(f"refine_epochs must be >= 1, got {self.refine_epochs}")
         if not isinstance(self.shard_size, int) or self.shard_size < 1:
             raise ValueError(f"shard_size must be a positive integer, got {self.shard_size!r}")
         if self.max_retries < 0:
@@ -145,16 +171,24 @@ def build_options(params: MineParams) -> MineOptions:
             raise ValueError(f"{f.name} {value!r} is not one of {', '.join(valid)}")
     if p.proposer.startswith("sam") and not p.sam_checkpoint:
         raise ValueError(f"proposer {p.proposer!r} needs --sam-checkpoint PATH (a segment-anything .pth)")
+    if p.calibrator and not Path(p.calibrator).is_file():
+        raise FileNotFoundError(f"calibrator {p.calibrator} does not exist")
+    if p.calibration_manifest and not Path(p.calibration_manifest).is_file():
+        raise FileNotFoundError(f"calibration manifest {p.calibration_manifest} does not exist")
+    if p.qa_inject_noise is not None and not 0 < p.qa_inject_noise < 1:
+        raise ValueError(f"qa_inject_noise must be a fraction in (0, 1), got {p.qa_inject_noise}")
     if p.sam_checkpoint and not Path(p.sam_checkpoint).is_file():
         raise FileNotFoundError(f"SAM checkpoint {p.sam_checkpoint} does not exist")
     config = RSMConfig(
         clip_model=str(clip_dir),  # absolute: Ray workers do not share the driver's working directory
+        calibrator=str(Path(p.calibrator).resolve()) if p.calibrator else None,
         proposer=p.proposer,
         sam_checkpoint=str(Path(p.sam_checkpoint).resolve()) if p.sam_checkpoint else None,
         sam_model_type=p.sam_model_type,
         crop_mode=p.crop_mode,
         match=MatchConfig(mode=p.match_mode),
         images_per_batch=p.images_per_batch,
+        max_batch_pixels=p.max_batch_pixels,
     )
     return MineOptions(
         manifest=str(p.manifest),
@@ -166,6 +200,9 @@ def build_options(params: MineParams) -> MineOptions:
         gpus_per_worker=p.gpus_per_worker,
         max_retries=p.max_retries,
         shard_timeout_s=p.shard_timeout_s,
+        rounds=p.rounds,
+        refine_epochs=p.refine_epochs,
+        calibration_manifest=str(Path(p.calibration_manifest).resolve()) if p.calibration_manifest else None,
     )
 
 

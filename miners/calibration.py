@@ -22,12 +22,21 @@ import numpy as np
 from miners.matching import UnitMatches
 from storage.schemas import BODY_PARTS
 
-CALIBRATOR_VERSION = 2  # 2: per-part label features
+CALIBRATOR_VERSION = 3  # 2: per-part label features; 3: content features against the reference bank
 CALIBRATOR_FILENAME = "rsm-calibrator.json"
 
 # One indicator per body-part label of the chosen region: how reliable a part's regions are differs by
 # part (a prior zone holds a head far more often than a bag), which a single quality number cannot say.
 LABEL_FEATURES = tuple(f"label_{part}" for part in BODY_PARTS)
+
+# What the pixels say (miners.bank): used when the model folder has a reference bank.
+CONTENT_FEATURES = ("bank_region_z", "bank_sentence_z")
+# The colour probe (miners.colour_probe): needs no bank.
+COLOUR_FEATURES = ("colour_logit",)
+# How much a content feature says differs by body part (a bag zone is often empty, a head zone never):
+# one product per part lets the linear model weigh it per part. "a*b" is the product of columns a, b.
+CONTENT_BY_PART = tuple(f"bank_sentence_z*{label}" for label in LABEL_FEATURES)
+COLOUR_BY_PART = tuple(f"colour_logit*{label}" for label in LABEL_FEATURES)
 
 FEATURES_BY_MODE = {
     "clip": ("clip_cosine", "softmax_prob", "margin", "mutual_best"),
@@ -46,7 +55,27 @@ FEATURES_BY_MODE = {
 }
 
 
+def features_for(mode: str, content: bool, colour: bool = False) -> tuple[str, ...]:
+    """The calibrator's inputs in `mode`, with the content features when a bank is there and the
+    colour probe when it ran (neither in `lexical` mode, which reads no pixels)."""
+    names = FEATURES_BY_MODE[mode]
+    if mode == "lexical":
+        return names
+    return (
+        *names,
+        *((*CONTENT_FEATURES, *CONTENT_BY_PART) if content else ()),
+        *((*COLOUR_FEATURES, *COLOUR_BY_PART) if colour else ()),
+    )
+
+
 def feature_matrix(m: UnitMatches, names: tuple[str, ...]) -> np.ndarray:
+    read = {part for n in names for part in n.split("*")}
+    missing = [n for n in (*CONTENT_FEATURES, *COLOUR_FEATURES) if n in read and getattr(m, n) is None]
+    if missing:
+        raise ValueError(
+            f"the calibrator reads {', '.join(missing)} but these pairs have none (no reference bank); "
+            "build one with `python -m miners.bank --manifest M --clip-model DIR`"
+        )
     cols = {
         "clip_cosine": m.clip_cosine,
         "softmax_prob": m.softmax_prob,
@@ -56,10 +85,20 @@ def feature_matrix(m: UnitMatches, names: tuple[str, ...]) -> np.ndarray:
         "contradict": (m.part_agreement == 0.0).astype(np.float32),
         "no_part_words": (~m.has_part_words).astype(np.float32),
         "region_quality": m.region_quality,
+        "bank_region_z": m.bank_region_z,
+        "bank_sentence_z": m.bank_sentence_z,
+        "colour_logit": m.colour_logit,
     }
     for part in BODY_PARTS:
         cols[f"label_{part}"] = np.array([label == part for label in m.region_label], dtype=np.float32)
-    return np.stack([np.asarray(cols[n], dtype=np.float64) for n in names], axis=1)
+
+    def column(name: str) -> np.ndarray:
+        if "*" in name:
+            a, b = name.split("*", 1)
+            return column(a) * column(b)
+        return np.asarray(cols[name], dtype=np.float64)
+
+    return np.stack([column(n) for n in names], axis=1)
 
 
 @dataclass
@@ -72,6 +111,17 @@ class Calibrator:
     calibrated: bool
     model_fingerprint: str | None = None
     fit_info: dict = field(default_factory=dict)
+
+    def _reads(self, names: tuple[str, ...]) -> bool:
+        return any(part in names for n in self.features for part in n.split("*"))
+
+    @property
+    def uses_content(self) -> bool:
+        return self._reads(CONTENT_FEATURES)
+
+    @property
+    def uses_colour(self) -> bool:
+        return self._reads(COLOUR_FEATURES)
 
     def predict(self, m: UnitMatches) -> np.ndarray:
         x = (feature_matrix(m, self.features) - self.mean) / self.std
@@ -150,10 +200,21 @@ def default_calibrator(mode: str = "combined") -> Calibrator:
 
 
 def fit_calibrator(
-    matches: UnitMatches, correct: np.ndarray, mode: str = "combined", l2: float = 1e-2, iters: int = 50
+    matches: UnitMatches,
+    correct: np.ndarray,
+    mode: str = "combined",
+    l2: float = 1e-2,
+    iters: int = 50,
+    content: bool | None = None,
+    colour: bool | None = None,
 ) -> Calibrator:
-    """Logistic regression of `correct` on the mode's features (Newton's method, L2 on weights)."""
-    names = FEATURES_BY_MODE[mode]
+    """Logistic regression of `correct` on the mode's features (Newton's method, L2 on weights);
+    `content` adds the bank features (default: when the matches carry them)."""
+    if content is None:
+        content = matches.bank_region_z is not None
+    if colour is None:
+        colour = matches.colour_logit is not None
+    names = features_for(mode, content, colour)
     x_raw = feature_matrix(matches, names)
     y = np.asarray(correct, dtype=np.float64)
     if y.size == 0 or y.min() == y.max():
@@ -180,5 +241,12 @@ def fit_calibrator(
         mean=mean,
         std=std,
         calibrated=True,
-        fit_info={"n_pairs": int(len(y)), "positive_rate": float(y.mean()), "mode": mode, "l2": l2},
+        fit_info={
+            "n_pairs": int(len(y)),
+            "positive_rate": float(y.mean()),
+            "mode": mode,
+            "l2": l2,
+            "content": bool(content),
+            "colour": bool(colour),
+        },
     )

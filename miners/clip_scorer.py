@@ -44,7 +44,7 @@ class ScorerConfig:
 def model_fingerprint(model_dir: str | Path) -> str:
     """Short content hash of a from_pretrained folder's config, weights, tokenizer and processor — not
     of what this project writes beside them (the calibrator, the bootstrap report)."""
-    ours = {"bootstrap.json", "rsm-calibrator.json"}
+    ours = {"bootstrap.json", "rsm-calibrator.json", "rsm-bank.json", "refine.json"}
     h = hashlib.sha256()
     for name in sorted(p.name for p in Path(model_dir).iterdir()):
         if name.endswith((".json", ".safetensors", ".bin", ".txt")) and name not in ours:
@@ -164,19 +164,23 @@ class ClipScorer:
     ) -> list[np.ndarray]:
         """`score` from crops made beforehand (`region_crops`), so a caller can drop each full-size
         image as soon as its crops exist; all crops still go through one batched vision pass."""
+        region_emb, text_emb = self.embed_crops_and_texts(crops_per_image, texts_per_sample)
+        return [t @ region_emb[image_of_sample[j]].T for j, t in enumerate(text_emb)]
+
+    def embed_crops_and_texts(
+        self, crops_per_image: list[list[np.ndarray]], texts_per_sample: list[list[str]]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """(per image: R x E region embeddings, per sample: S x E text embeddings), L2-normalised float32
+        numpy; one batched vision pass over all crops, one text pass (each distinct text once)."""
         if not texts_per_sample:
-            return []
+            return [], []
         crops = [c for image_crops in crops_per_image for c in image_crops]
-        owner_arr = np.repeat(np.arange(len(crops_per_image)), [len(c) for c in crops_per_image])
-        region_emb = self.embed_crops(crops)
-        per_image = [
-            region_emb[torch.from_numpy(np.flatnonzero(owner_arr == i))] for i in range(len(crops_per_image))
-        ]
-        flat_texts = [t for ts in texts_per_sample for t in ts]
-        text_emb = self.embed_texts(flat_texts)
-        out, pos = [], 0
-        for j, texts in enumerate(texts_per_sample):
-            t = text_emb[pos : pos + len(texts)]
-            pos += len(texts)
-            out.append((t @ per_image[image_of_sample[j]].T).cpu().numpy().astype(np.float32))
-        return out
+        bounds = np.cumsum([0, *(len(c) for c in crops_per_image)])
+        region_emb = self.embed_crops(crops).cpu().numpy().astype(np.float32)
+        per_image = [region_emb[bounds[i] : bounds[i + 1]] for i in range(len(crops_per_image))]
+        text_emb = (
+            self.embed_texts([t for ts in texts_per_sample for t in ts]).cpu().numpy().astype(np.float32)
+        )
+        bounds = np.cumsum([0, *(len(ts) for ts in texts_per_sample)])
+        per_sample = [text_emb[bounds[j] : bounds[j + 1]] for j in range(len(texts_per_sample))]
+        return per_image, per_sample

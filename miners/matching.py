@@ -13,7 +13,7 @@ plus a lexical bonus large enough that a region of the named part wins and CLIP 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +41,11 @@ class UnitMatches:
     has_part_words: np.ndarray  # S bool
     region_quality: np.ndarray
     region_label: list[str | None]  # S: the chosen region's body-part label
+    # Content against the reference bank (miners.bank); None when the miner has no bank.
+    bank_region_z: np.ndarray | None = field(default=None)
+    bank_sentence_z: np.ndarray | None = field(default=None)
+    # The colour probe (miners.colour_probe); None when it is off.
+    colour_logit: np.ndarray | None = field(default=None)
 
 
 def part_agreement_matrix(unit_tags: list[tuple[str, ...]], region_labels: list[str | None]) -> np.ndarray:

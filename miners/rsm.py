@@ -26,8 +26,10 @@ from typing import ClassVar
 import numpy as np
 import pyarrow as pa
 
+from miners.bank import BANK_META, BankError, ReferenceBank, judged_part
 from miners.calibration import CALIBRATOR_FILENAME, Calibrator, default_calibrator
 from miners.clip_scorer import ClipScorer, ScorerConfig
+from miners.colour_probe import colour_logits, colour_variants
 from miners.images import ImageLoadError, contained_path, header_pixels, load_rgb
 from miners.matching import MatchConfig, UnitMatches, match_units
 from miners.regions import Regions
@@ -46,8 +48,10 @@ class RSMConfig:
     max_regions: int = 8
     crop_mode: str = "box"  # box | mask | blur
     split_clauses: bool = True
+    colour_probe: bool = True  # the colour_logit feature (miners.colour_probe): one more text pass
     match: MatchConfig = field(default_factory=MatchConfig)
     calibrator: str | None = None  # None: <clip_model>/rsm-calibrator.json if present, else the default prior
+    bank: str | None = None  # reference-bank folder; None: <clip_model> if it holds rsm-bank.json, else none
     images_per_batch: int = 32
     # Decoded pixels held at once: a batch is cut further so its images' width x height sum stays
     # under this (about 200 MB of RGB at the default); one larger image still goes alone.
@@ -105,12 +109,29 @@ class RSMMiner:
             max_regions=cfg.max_regions,
         )
         self.scorer = ClipScorer(cfg.clip_model, ScorerConfig(crop_mode=cfg.crop_mode, device=cfg.device))
+        self.bank = self._load_bank()
         self.calibrator = calibrator or self._load_calibrator()
+        if self.calibrator.uses_colour and not cfg.colour_probe:
+            raise ValueError("the calibrator reads colour_logit, which colour_probe=False does not compute")
+        if self.calibrator.uses_content and self.bank is None:
+            raise BankError(
+                f"the calibrator reads content features but {cfg.clip_model} has no reference bank; build "
+                f"one with `python -m miners.bank --manifest M --clip-model {cfg.clip_model}`"
+            )
         self.clip_fingerprint = self.scorer.fingerprint
         cal_id = hashlib.sha256(json.dumps(self.calibrator.to_json(), sort_keys=True).encode()).hexdigest()[
             :8
         ]
-        self.config_fingerprint = f"{cfg.fingerprint()}-{cal_id}"
+        bank_id = self.bank.fingerprint[:8] if self.bank is not None else "nobank"
+        self.config_fingerprint = f"{cfg.fingerprint()}-{cal_id}-{bank_id}"
+
+    def _load_bank(self) -> ReferenceBank | None:
+        folder = bank_folder(self.cfg)
+        if folder is None:
+            return None
+        return ReferenceBank.load(
+            folder, expect_fingerprint=self.scorer.fingerprint, crop_mode=self.cfg.crop_mode
+        )
 
     def _load_calibrator(self) -> Calibrator:
         path = calibrator_path(self.cfg)
@@ -154,8 +175,8 @@ class RSMMiner:
             regions = self._propose_regions(part, images, status, seconds)
             prepared |= self._prepare(images, regions, seconds)
         scored = self._split_captions(chunk, prepared, status, seconds)
-        cosines = self._score(prepared, scored, seconds)
-        pair_rows = self._match(scored, cosines, prepared, status, seconds)
+        embedded = self._score(prepared, scored, seconds)
+        pair_rows = self._match(scored, embedded, prepared, status, seconds)
         ordered_status = [status[r["sample_id"]] for rows in chunk.values() for r in rows]
         return pair_rows, ordered_status
 
@@ -234,27 +255,66 @@ class RSMMiner:
         seconds["split"] += time.perf_counter() - t
         return scored
 
-    def _score(self, prepared: dict[str, _Prepared], scored: list, seconds) -> list[np.ndarray]:
+    def _score(self, prepared: dict[str, _Prepared], scored: list, seconds) -> list[_Embedded]:
+        """Per scored sample: its units' and its image's regions' embeddings (one pass for the batch)."""
         t = time.perf_counter()
-        cosines: list[np.ndarray] = []
+        out: list[_Embedded] = []
         if scored:  # nothing to embed: the model (and its tokenizer, which fails on []) never runs
             image_order = list(prepared)
             image_pos = {iid: k for k, iid in enumerate(image_order)}
-            cosines = self.scorer.score_crops(
-                [prepared[iid].crops for iid in image_order],
-                [[u.text for u in us] for _, us in scored],
-                [image_pos[r["image_id"]] for r, _ in scored],
+            region_emb, text_emb = self.scorer.embed_crops_and_texts(
+                [prepared[iid].crops for iid in image_order], [[u.text for u in us] for _, us in scored]
             )
+            variants = self._colour_variant_embeddings(scored) if self.cfg.colour_probe else None
+            out = [
+                _Embedded(
+                    text_emb[j],
+                    region_emb[image_pos[r["image_id"]]],
+                    None if variants is None else variants[j],
+                )
+                for j, (r, _) in enumerate(scored)
+            ]
         seconds["clip"] += time.perf_counter() - t
-        return cosines
+        return out
 
-    def _match(self, scored: list, cosines: list, prepared: dict, status: dict, seconds) -> list[dict]:
+    def _colour_variant_embeddings(self, scored: list) -> list[list[list[np.ndarray]]]:
+        """Per sample, per unit, per colour word: the embeddings of its colour variants (one text pass
+        for the whole batch; each distinct text once)."""
+        groups = [[colour_variants(u.text) for u in us] for _, us in scored]
+        flat = [t for sample in groups for unit in sample for word in unit for t in word]
+        emb = self.scorer.embed_texts(flat).cpu().numpy().astype(np.float32) if flat else None
+        out, pos = [], 0
+        for sample in groups:
+            per_unit = []
+            for unit in sample:
+                words = []
+                for word in unit:
+                    words.append(emb[pos : pos + len(word)])
+                    pos += len(word)
+                per_unit.append(words)
+            out.append(per_unit)
+        return out
+
+    def _match(self, scored: list, embedded: list, prepared: dict, status: dict, seconds) -> list[dict]:
         t = time.perf_counter()
         pair_rows: list[dict] = []
-        for (r, us), cos in zip(scored, cosines, strict=True):
+        for (r, us), emb in zip(scored, embedded, strict=True):
             image = prepared[r["image_id"]]
             regs = image.regions
-            m = match_units(cos, [u.part_tags for u in us], regs.labels, regs.quality, self.cfg.match)
+            tags = [u.part_tags for u in us]
+            m = match_units(emb.text @ emb.regions.T, tags, regs.labels, regs.quality, self.cfg.match)
+            if self.bank is not None:
+                chosen = emb.regions[m.region_index]
+                parts = [judged_part(t, label) for t, label in zip(tags, m.region_label, strict=True)]
+                m.bank_region_z, m.bank_sentence_z = self.bank.content_features(
+                    emb.text, chosen, parts, int(r["person_id"])
+                )
+            if emb.colour_variants is not None:
+                chosen = emb.regions[m.region_index]
+                m.colour_logit = colour_logits(
+                    m.clip_cosine,
+                    [[v @ chosen[k] for v in words] for k, words in enumerate(emb.colour_variants)],
+                )
             reliability = self.calibrator.predict(m)
             kept = reliability >= self.cfg.match.keep_threshold
             for k, u in enumerate(us):
@@ -290,11 +350,23 @@ class RSMMiner:
             "margin": float(m.margin[k]),
             "mutual_best": bool(m.mutual_best[k]),
             "part_agreement": float(m.part_agreement[k]),
+            "bank_region_z": None if m.bank_region_z is None else float(m.bank_region_z[k]),
+            "bank_sentence_z": None if m.bank_sentence_z is None else float(m.bank_sentence_z[k]),
+            "colour_logit": None if m.colour_logit is None else float(m.colour_logit[k]),
             "reliability": reliability,
             "kept": kept,
             "clip_fingerprint": self.clip_fingerprint,
             "config_fingerprint": self.config_fingerprint,
         }
+
+
+@dataclass
+class _Embedded:
+    """One sample's embeddings: S x E for its units, R x E for its image's regions (L2-normalised)."""
+
+    text: np.ndarray
+    regions: np.ndarray
+    colour_variants: list[list[np.ndarray]] | None = None  # per unit, per colour word: V x E
 
 
 @dataclass
@@ -310,6 +382,16 @@ class _Prepared:
 def calibrator_path(cfg: RSMConfig) -> Path:
     """The calibrator a miner with `cfg` uses: the configured file, else the one beside the CLIP model."""
     return Path(cfg.calibrator) if cfg.calibrator else Path(cfg.clip_model) / CALIBRATOR_FILENAME
+
+
+def bank_folder(cfg: RSMConfig) -> Path | None:
+    """The folder whose reference bank a miner with `cfg` uses (None: no bank)."""
+    if cfg.bank:
+        if not (Path(cfg.bank) / BANK_META).is_file():
+            raise FileNotFoundError(f"reference bank {Path(cfg.bank) / BANK_META} does not exist")
+        return Path(cfg.bank)
+    folder = Path(cfg.clip_model)
+    return folder if (folder / BANK_META).is_file() else None
 
 
 def calibrator_fingerprint(cfg: RSMConfig) -> str:
@@ -332,7 +414,17 @@ def matches_from_pairs(pairs: pa.Table) -> UnitMatches:
         has_part_words=np.asarray([bool(t) for t in cols["part_tags"]], dtype=bool),
         region_quality=np.asarray(cols["region_quality"], dtype=np.float32),
         region_label=list(cols["region_label"]),
+        bank_region_z=_optional_column(cols.get("bank_region_z")),
+        bank_sentence_z=_optional_column(cols.get("bank_sentence_z")),
+        colour_logit=_optional_column(cols.get("colour_logit")),
     )
+
+
+def _optional_column(values: list | None) -> np.ndarray | None:
+    """A float column, or None when it is absent or all null (mined without a bank)."""
+    if values is None or all(v is None for v in values):
+        return None
+    return np.asarray([np.nan if v is None else v for v in values], dtype=np.float32)
 
 
 def split_by_pixel_budget(pixels: list[int], max_batch_pixels: int) -> list[list[int]]:

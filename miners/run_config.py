@@ -6,7 +6,8 @@ stored as the plan's `config` in `OUT/_run.json` (see storage.shards) in exactly
     {"version": 1,
      "rsm": {...RSMConfig fields, without the runtime-only ones (RSMConfig.RUNTIME_FIELDS)...},
      "fingerprints": {"clip_model": "<sha256[:16] of the CLIP folder>",
-                      "calibrator": "<sha256[:16] of the calibrator file, or 'default-prior'>"}}
+                      "calibrator": "<sha256[:16] of the calibrator file, or 'default-prior'>",
+                      "bank": "<sha256[:16] of the reference bank's arrays (miners.bank), or 'none'>"}}
 
 Everything that needs a run's settings (resume, QA, training, benchmarks) calls `read_run_config`;
 nobody searches the JSON. Runtime-only fields (device, batch size) change speed, not output, so they
@@ -19,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from miners.bank import bank_fingerprint
 from miners.clip_scorer import model_fingerprint
-from miners.rsm import RSMConfig, calibrator_fingerprint
+from miners.rsm import RSMConfig, bank_folder, calibrator_fingerprint
 from storage.shards import load_run_plan
 
 RUN_CONFIG_VERSION = 1
@@ -64,6 +66,7 @@ def run_config_for(cfg: RSMConfig) -> RunConfig:
     fingerprints = {
         "clip_model": model_fingerprint(cfg.clip_model),
         "calibrator": calibrator_fingerprint(cfg),
+        "bank": bank_fingerprint(folder) if (folder := bank_folder(cfg)) is not None else "none",
     }
     return RunConfig(rsm=cfg, fingerprints=fingerprints)
 

@@ -5,6 +5,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+# How qa.inject makes a unit wrong: "any" swaps in a part-naming unit of another person, "same-part" one
+# naming the same body part(s), "attribute" replaces one colour or garment word by one the person lacks
+INJECT_MODES: tuple[str, ...] = ("any", "same-part", "attribute")
+
+
+def parse_inject_modes(text: str) -> tuple[str, ...]:
+    """ "any,same-part" -> ("any", "same-part"); "all" -> INJECT_MODES. Order kept, repeats dropped."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    modes = INJECT_MODES if names == ["all"] else tuple(dict.fromkeys(names))
+    check_inject_modes(modes)
+    return modes
+
+
+def check_inject_modes(modes: tuple[str, ...]) -> None:
+    unknown = [m for m in modes if m not in INJECT_MODES]
+    if not modes or unknown:
+        raise ValueError(
+            f"inject modes must be a non-empty list of {', '.join(INJECT_MODES)} (or all), got {list(modes)}"
+        )
+
 
 @dataclass(frozen=True)
 class ReportConfig:
@@ -18,4 +38,5 @@ class ReportConfig:
     inject_noise: float | None = None  # fraction of text units to swap (estimator check)
     clip_model: str | None = None  # for the injection; default: the run config's
     inject_max_samples: int = 512  # captions re-mined for the injection
+    inject_modes: tuple[str, ...] = ("any",)  # INJECT_MODES; the first fills qa.json "injection" itself
     ece_bins: int = 10

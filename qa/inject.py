@@ -1,15 +1,22 @@
 """The QA estimator check: inject known noise, re-score it with the RSM, and see whether the report's
 label-free estimates notice.
 
-Consumes a committed run (its plan, status shards and manifest) and a `qa.report.ReportConfig`; swaps a
-known fraction of text units for units of other persons' captions, re-mines the perturbed captions with
-the run's RSM settings, finds each swapped-in unit by char span, and produces the qa.json "injection"
-block: injected rate, how far the estimated noise moves, AUROC of reliability clean vs injected.
+Consumes a committed run (its plan, status shards and manifest) and a `qa.report.ReportConfig`; re-mines
+an audit subset of captions clean once, then per injection mode (`ReportConfig.inject_modes`, see
+qa.config.INJECT_MODES) makes a known fraction of its text units wrong — swapped for another person's
+unit ("any"), for another person's unit naming the same body part(s) ("same-part"), or with one colour
+or garment word replaced by one the person does not wear ("attribute", only where the dataset folder
+holds the synthetic benchmark's identity file) — re-mines the perturbed captions with the run's RSM
+settings, finds each injected unit by char span, and produces one block per mode: injected rate, how far
+the estimated noise moves against the true rise, AUROC of reliability clean vs injected, kept fractions.
+qa.json "injection" is the first mode's block plus "modes" (mode -> block).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,15 +24,24 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from miners.caption_noise import pick_donor, swap_unit
+from miners.caption_noise import (
+    NoiseUnavailable,
+    Perturbation,
+    attribute_perturbations,
+    locate_injected,
+    swap_perturbations,
+    tagged_units,
+)
 from miners.metrics import auroc
 from miners.rsm import RSMConfig, RSMMiner
 from miners.run_config import RunConfig
 from qa.checks import scan_shards
-from qa.config import ReportConfig
+from qa.config import ReportConfig, check_inject_modes
 from qa.mixture import fit_mixture, posterior_noisy
 from storage.plan import RunPlan
 from storage.schemas import STATUS_SCHEMA
+from storage.synth.generate import IDENTITIES_FILE
+from storage.synth.identities import AttributeWords, read_identity_attributes
 from storage.truth import judge_pairs
 
 # ---------------------------------------------------------------------------------------------- injection
@@ -53,76 +69,37 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return None if a is None or b is None else a - b
 
 
-def run_injection(
-    plan: RunPlan, run_config: RunConfig | None, manifest_path: Path, status_files: list, cfg: ReportConfig
+@dataclass(frozen=True)
+class CleanSet:
+    """The audit subset mined clean once; every mode perturbs it and is compared with it."""
+
+    rows: pl.DataFrame  # manifest rows of the audit captions, by sample_id
+    clean: pl.DataFrame  # their pairs (one per text unit)
+    root: str | None  # image root
+    miner: RSMMiner
+    rsm_cfg: RSMConfig
+    correct: np.ndarray | None  # per clean unit: its pair is right (ground truth), None without gt
+
+    @property
+    def captions(self) -> dict[str, str]:
+        return dict(self.rows.select("sample_id", "caption").iter_rows())
+
+
+EXAMPLES = 6  # injected units listed per mode block, for a reader to see what the mode does
+
+
+def _score_mode(
+    shared: CleanSet, targets: np.ndarray, perturbed: list[Perturbation], cfg: ReportConfig
 ) -> dict:
-    """Estimator check: swap a known fraction of text units for units of other persons' captions,
-    re-score them with the RSM, and see how far the label-free estimates move (see the README)."""
-    # Audit subset: captions mined "ok", re-mined clean with the same miner so both sides compare
-    rng = np.random.default_rng(cfg.seed)
-    ok = (
-        scan_shards(status_files, STATUS_SCHEMA)
-        .filter(pl.col("status") == "ok")
-        .select("sample_id")
-        .collect()
-    )
-    ids = np.sort(ok["sample_id"].to_numpy())
-    if ids.size > cfg.inject_max_samples:
-        ids = np.sort(rng.choice(ids, cfg.inject_max_samples, replace=False))
-    rows = (
-        pl.scan_parquet(str(manifest_path))
-        .filter(pl.col("sample_id").is_in(ids.tolist()))
-        .collect()
-        .sort("sample_id")
-    )
-    root = (pq.read_schema(manifest_path).metadata or {}).get(b"rsm.root", b"").decode() or plan.manifest_root
-    rsm_cfg = injection_rsm_config(run_config, cfg.clip_model)
-    miner = RSMMiner(rsm_cfg)
-    clean = pl.from_arrow(miner.mine(rows.to_arrow(), root).pairs)
-    n = clean.height
-    if n < 2:
-        raise ValueError(
-            f"injection: only {n} text unit(s) mined from {rows.height} captions; nothing to inject"
-        )
-
-    # Swap units that name a body part (the ones that can be right) for another person's such units:
-    # the text still names a part, so only the image side can tell the pair is wrong
-    n_target = round(cfg.inject_noise * n)
-    persons = clean["person_id"].to_numpy()
-    tagged = np.flatnonzero(clean["part_tags"].list.len().to_numpy() > 0)
-    untagged = np.setdiff1d(np.arange(n), tagged)
-    first = rng.choice(tagged, size=min(n_target, tagged.size), replace=False)
-    rest = rng.choice(untagged, size=n_target - first.size, replace=False)
-    targets = np.sort(np.concatenate([first, rest]).astype(np.int64))
-    pool = tagged if tagged.size else np.arange(n)
-    captions = dict(rows.select("sample_id", "caption").iter_rows())
-    row_of = {r["sample_id"]: r for r in rows.iter_rows(named=True)}
-    perturbed, spans = [], {}
-    for t in targets:
-        unit = clean.row(int(t), named=True)
-        d = pick_donor(rng, pool, persons, persons[t])
-        if d is None:
-            continue
-        sid = f"{unit['sample_id']}#inject{int(t)}"
-        caption, span = swap_unit(
-            captions[unit["sample_id"]], unit["char_start"], unit["char_end"], clean["sentence"][d]
-        )
-        perturbed.append({**row_of[unit["sample_id"]], "sample_id": sid, "caption": caption})
-        spans[sid] = (int(t), *span)
+    """Re-mine the perturbed captions, find each injected unit by char span, and compare the mixed set
+    (clean units, injected ones in place of their targets) with the clean set."""
+    clean, rows, n = shared.clean, shared.rows, shared.clean.height
     mined = pl.from_arrow(
-        miner.mine(pa.Table.from_pylist(perturbed, schema=rows.to_arrow().schema), root).pairs
+        shared.miner.mine(
+            pa.Table.from_pylist([p.row for p in perturbed], schema=rows.to_arrow().schema), shared.root
+        ).pairs
     )
-
-    # Find each swapped-in unit by char span (the splitter may cut it a little differently)
-    found: dict[int, dict] = {}
-    for sid, units in mined.group_by("sample_id"):
-        t, s0, s1 = spans[sid[0]]
-        overlap = np.minimum(units["char_end"].to_numpy(), s1) - np.maximum(
-            units["char_start"].to_numpy(), s0
-        )
-        best = int(np.argmax(overlap))
-        if overlap[best] * 2 >= s1 - s0:
-            found[t] = units.row(best, named=True)
+    found = locate_injected(mined, perturbed)
     lost = len(targets) - len(found)
 
     # Clean set: the clean units but lost targets. Mixed set: the same units, found targets swapped
@@ -135,7 +112,7 @@ def run_injection(
     )
     kept = kept.astype(bool)
     untouched = untouched[base]
-    has_tags = (clean["part_tags"].list.len().to_numpy() > 0)[base]
+    has_tags = tagged_units(clean)[base]
     inj = {
         c: np.array([u[c] for u in found.values()], dtype=np.float64)
         for c in ("reliability", "kept", cfg.mixture_score)
@@ -176,13 +153,120 @@ def run_injection(
         ),
         "injected_kept_fraction": _mean(inj["kept"]),
         "clean_kept_fraction": _mean(kept[untouched].astype(float)),
-        "clip_model": rsm_cfg.clip_model,
-        "proposer": rsm_cfg.proposer,
+        "clip_model": shared.rsm_cfg.clip_model,
+        "proposer": shared.rsm_cfg.proposer,
         "seed": cfg.seed,
     }
+    if shared.correct is not None:
+        # If every injected pair is wrong, true noise (all pairs) rises by the injected units that were right
+        rise = float(shared.correct[list(found)].sum() / units) if units else None
+        block["true_noise_rise"] = rise
+        block["recovery_ratio_true"] = _diff(est_mixed, est_clean) / rise if rise else None
+    block["examples"] = [
+        {
+            "sample_id": clean["sample_id"][p.target],
+            "person_id": clean["person_id"][p.target],
+            "original": p.original,
+            "injected": p.injected,
+        }
+        for p in perturbed
+        if p.target in found
+    ][:EXAMPLES]
+    return block
+
+
+def _unavailable(mode: str, reason: str) -> dict:
+    return {"mode": mode, "available": False, "reason": reason}
+
+
+def _identities(root: str | None) -> tuple[dict[int, AttributeWords] | None, str]:
+    """The dataset's per-person attribute words, or None and why not."""
+    if root is None:
+        return None, "the manifest names no dataset folder (rsm.root) to look for the identity file in"
+    try:
+        identities = read_identity_attributes(root)
+    except ValueError as exc:
+        return None, str(exc)
+    if identities is None:
+        return None, (
+            f"no {IDENTITIES_FILE} in the dataset folder {root}: the attribute swap needs each person's "
+            "clothing, which only the synthetic benchmark (python -m storage.synth) writes"
+        )
+    return identities, ""
+
+
+def run_injection(
+    plan: RunPlan, run_config: RunConfig | None, manifest_path: Path, status_files: list, cfg: ReportConfig
+) -> dict:
+    """Estimator check, per mode of `cfg.inject_modes`: make a known fraction of text units wrong,
+    re-score them with the RSM, and see how far the label-free estimates move (see the README).
+    Returns the first mode's block with "modes": {mode: block} for every mode."""
+    check_inject_modes(cfg.inject_modes)
+    # Audit subset: captions mined "ok", re-mined clean with the same miner so both sides compare
+    rng = np.random.default_rng(cfg.seed)
+    ok = (
+        scan_shards(status_files, STATUS_SCHEMA)
+        .filter(pl.col("status") == "ok")
+        .select("sample_id")
+        .collect()
+    )
+    ids = np.sort(ok["sample_id"].to_numpy())
+    if ids.size > cfg.inject_max_samples:
+        ids = np.sort(rng.choice(ids, cfg.inject_max_samples, replace=False))
+    rows = (
+        pl.scan_parquet(str(manifest_path))
+        .filter(pl.col("sample_id").is_in(ids.tolist()))
+        .collect()
+        .sort("sample_id")
+    )
+    root = (pq.read_schema(manifest_path).metadata or {}).get(b"rsm.root", b"").decode() or plan.manifest_root
+
+    modes: dict[str, dict] = {}
+    identities, why_not = _identities(root) if "attribute" in cfg.inject_modes else (None, "")
+    if "attribute" in cfg.inject_modes and identities is None:
+        modes["attribute"] = _unavailable("attribute", why_not)
+    if all(m in modes for m in cfg.inject_modes):
+        first = modes[cfg.inject_modes[0]]
+        return {**first, "modes": modes}
+
+    rsm_cfg = injection_rsm_config(run_config, cfg.clip_model)
+    miner = RSMMiner(rsm_cfg)
+    clean = pl.from_arrow(miner.mine(rows.to_arrow(), root).pairs)
+    n = clean.height
+    if n < 2:
+        raise ValueError(
+            f"injection: only {n} text unit(s) mined from {rows.height} captions; nothing to inject"
+        )
+    correct = None
     gt_rows = rows.filter(pl.col("gt_links").is_not_null())
     if gt_rows.height:
-        # If every injected pair is wrong, true noise (all pairs) rises by the swapped units that were right
         _, _, correct = judge_pairs(clean.to_arrow(), gt_rows.to_arrow())
-        block["true_noise_rise"] = float(correct[list(found)].sum() / units) if units else None
-    return block
+    shared = CleanSet(rows, clean, root, miner, rsm_cfg, correct)
+
+    n_target = round(cfg.inject_noise * n)
+    for mode in cfg.inject_modes:
+        if mode in modes:
+            continue
+        # Every mode draws from the same stream state: "any" stays what it was alone, and "same-part"
+        # swaps the very units "any" swaps (only the donors differ), a paired comparison
+        mode_rng = copy.deepcopy(rng)
+        extra = {}
+        try:
+            if mode == "attribute" and identities is not None:
+                targets, perturbed, alterable = attribute_perturbations(
+                    clean, rows, identities, mode_rng, n_target
+                )
+                extra["alterable_units"] = alterable
+            else:
+                targets, perturbed = swap_perturbations(clean, rows, mode_rng, n_target, mode == "same-part")
+        except NoiseUnavailable as exc:
+            modes[mode] = _unavailable(mode, str(exc))
+            continue
+        modes[mode] = {
+            "mode": mode,
+            "available": True,
+            **_score_mode(shared, targets, perturbed, cfg),
+            **extra,
+        }
+    first = modes[cfg.inject_modes[0]]
+    return {**first, "modes": {m: modes[m] for m in cfg.inject_modes}}

@@ -1,5 +1,5 @@
 """QA figures as PNG files: score histograms, precision/coverage curve, reliability diagram, noise
-by body part (the audit contact sheets are in qa.sheets).
+by body part, the injection modes side by side (the audit contact sheets are in qa.sheets).
 
 Consumes the plain dicts that `qa.noise` and `qa.truth` produce (histogram counts, curve rows,
 calibration bins, breakdown rows) and a `qa.mixture.MixtureFit`; produces PNG files. matplotlib draws
@@ -146,7 +146,38 @@ def plot_noise_by_group(rows: list[dict], path: Path, title: str) -> Path:
     return _save(fig, path)
 
 
+INJECTION_BARS = (
+    ("auroc_clean_vs_injected", "AUROC clean vs injected"),
+    ("auroc_tagged_clean_vs_injected", "AUROC part-naming clean vs injected"),
+    ("injected_kept_fraction", "injected kept"),
+    ("clean_kept_fraction", "clean kept"),
+)
+
+
+def plot_injection_modes(modes: dict[str, dict], path: Path) -> Path:
+    """Per injection mode: AUROC of reliability and the kept fractions of injected and clean units
+    (an unavailable mode keeps its slot, marked n/a, so the modes line up with the table)."""
+    names = list(modes)
+    x = np.arange(len(names))
+    width = 0.8 / len(INJECTION_BARS)
+    fig = Figure(figsize=(max(5, 1.8 * len(names) + 3), 3.4))
+    ax = fig.add_subplot(1, 1, 1)
+    for k, (key, label) in enumerate(INJECTION_BARS):
+        vals = [np.nan if modes[m].get(key) is None else modes[m][key] for m in names]
+        ax.bar(x + k * width, vals, width=width, label=label)
+    for i, m in enumerate(names):
+        if not modes[m].get("available", True):
+            ax.text(x[i] + 0.4 - width / 2, 0.05, "n/a", ha="center", fontsize=8, color="grey")
+    ax.axhline(0.5, color="grey", ls=":", lw=1)  # AUROC of a reliability that cannot tell
+    ax.set_xticks(x + width * (len(INJECTION_BARS) - 1) / 2, names, fontsize=9)
+    ax.set_ylim(0, 1.02)
+    ax.set_title("injected noise by mode")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _save(fig, path)
+
+
 __all__ = [
+    "plot_injection_modes",
     "plot_noise_by_group",
     "plot_precision_coverage",
     "plot_reliability_diagram",

@@ -89,10 +89,56 @@ def _summary_blocks(qa: dict) -> list[Block]:
     ]
     inj = qa.get("injection")
     if inj:
-        blocks += [
-            ("h", 2, "Estimator check: injected noise"),
-            ("table", ["figure", "value"], _injection_rows(inj)),
-        ]
+        mode = inj.get("mode")
+        blocks.append(("h", 2, "Estimator check: injected noise" + (f" (mode {mode})" if mode else "")))
+        if inj.get("available", True):
+            blocks.append(("table", ["figure", "value"], _injection_rows(inj)))
+        else:
+            blocks.append(("p", f"Mode {mode} unavailable: {inj.get('reason', '?')}"))
+        modes = inj.get("modes") or {}
+        if len(modes) > 1 or any(not b.get("available", True) for b in modes.values()):
+            blocks += _mode_blocks(modes)
+    return blocks
+
+
+MODE_DESCRIPTIONS = {
+    "any": "unit swapped for a part-naming unit of another person",
+    "same-part": "unit swapped for another person's unit naming the same body part(s)",
+    "attribute": "one colour or garment word replaced by one the person does not wear",
+}
+MODE_COLS = [
+    ("injected", "injected"),
+    ("injected_rate", "injected rate"),
+    ("auroc_clean_vs_injected", "AUROC"),
+    ("auroc_tagged_clean_vs_injected", "AUROC part-naming"),
+    ("injected_kept_fraction", "injected kept"),
+    ("clean_kept_fraction", "clean kept"),
+    ("recovered_rate", "recovered rate"),
+    ("true_noise_rise", "true noise rise"),
+    ("recovery_ratio", "recovered / injected"),
+]
+MODE_EXAMPLES = 3
+
+
+def _mode_blocks(modes: dict[str, dict]) -> list[Block]:
+    """One row per injection mode (an unavailable one says why), then a few injected units of each."""
+    rows = []
+    for name, b in modes.items():
+        if b.get("available", True):
+            rows.append([name, *(fmt(b.get(k)) for k, _ in MODE_COLS), MODE_DESCRIPTIONS.get(name, "")])
+        else:
+            rows.append([name, *("n/a" for _ in MODE_COLS), f"unavailable: {b.get('reason', '?')}"])
+    blocks: list[Block] = [
+        ("h", 3, "Injection modes"),
+        ("table", ["mode", *(label for _, label in MODE_COLS), "what is injected"], rows),
+    ]
+    examples = [
+        [name, str(e["person_id"]), e["original"], e["injected"]]
+        for name, b in modes.items()
+        for e in (b.get("examples") or [])[:MODE_EXAMPLES]
+    ]
+    if examples:
+        blocks.append(("table", ["mode", "person", "clean unit", "injected unit"], examples))
     return blocks
 
 
@@ -100,7 +146,8 @@ def _injection_rows(inj: dict) -> list[list[str]]:
     keys = [
         ("fraction_requested", "fraction requested"),
         ("units", "text units in the audit subset"),
-        ("injected", "units injected (sentence swapped with another person's)"),
+        ("injected", "units injected"),
+        ("alterable_units", "units with a colour or garment word of their person (attribute mode)"),
         ("injected_rate", "injected rate"),
         ("lost", "injected units not found after re-splitting"),
         ("estimated_noise_clean", "estimated noise, all pairs, clean"),
@@ -115,6 +162,7 @@ def _injection_rows(inj: dict) -> list[list[str]]:
         ("auroc_clean_vs_injected", "AUROC of reliability, clean vs injected"),
         ("auroc_tagged_clean_vs_injected", "AUROC, clean units naming a part vs injected"),
         ("true_noise_rise", "true noise rise (all pairs; injected pairs counted wrong)"),
+        ("recovery_ratio_true", "recovered / true noise rise"),
         ("injected_kept_fraction", "fraction of injected pairs kept"),
         ("clean_kept_fraction", "fraction of clean pairs kept"),
     ]

@@ -6,10 +6,13 @@ manifest it was planned from (found via OUT/_run.json, or given): ground truth (
 (every figure, check verdicts, breakdowns), `report.md`, a self-contained `report.html`, the PNG plots
 and contact sheets. Optionally checks the estimator: `--inject-noise F` swaps a known fraction F of text
 units for units of other persons' captions, re-scores them with the RSM (`miners.rsm.RSMMiner`, config
-from the run) and reports how far the label-free estimates move (qa.json "injection").
+from the run) and reports how far the label-free estimates move (qa.json "injection");
+`--inject-modes` also makes units wrong by a same-part swap or by one false colour/garment word
+(see qa.inject).
 
     python -m qa.report --pairs SHARDS --out DIR [--manifest M] [--sheet-samples 24] [--seed S]
-        [--inject-noise FRACTION --clip-model DIR] [--mixture-score clip_cosine] [--mixture-kind gaussian]
+        [--inject-noise FRACTION --clip-model DIR [--inject-modes any,same-part,attribute|all]]
+        [--mixture-score clip_cosine] [--mixture-kind gaussian]
 
 Exit status: 0 report written and every check passed; 1 report written but a check failed; 2 the
 input is not a readable run (message names the file). `build_report` and `summary_markdown` are the
@@ -35,7 +38,7 @@ import pyarrow.parquet as pq
 from miners.run_config import RunConfig, RunConfigError, read_run_config
 from qa import plots, sheets
 from qa.checks import run_checks, scan_shards
-from qa.config import ReportConfig
+from qa.config import ReportConfig, check_inject_modes, parse_inject_modes
 from qa.inject import injection_rsm_config, run_injection
 from qa.mixture import MIXTURE_KINDS, posterior_noisy
 from qa.noise import BREAKDOWN_KEYS, column_range, fit_mixture_lazy, label_free_figures, score_histogram
@@ -81,6 +84,7 @@ def build_report(
         )
     if cfg.inject_noise is not None and not 0 < cfg.inject_noise < 1:
         raise ValueError(f"inject_noise must be a fraction in (0, 1), got {cfg.inject_noise}")
+    check_inject_modes(tuple(cfg.inject_modes))
     if cfg.mixture_score not in PAIRS_SCHEMA.names or cfg.mixture_kind not in MIXTURE_KINDS:
         raise ValueError(
             f"mixture_score {cfg.mixture_score!r} must be a pairs column and mixture_kind "
@@ -177,6 +181,10 @@ def build_report(
     if cfg.inject_noise is not None:
         t = time.perf_counter()
         injection = run_injection(plan, run_cfg, manifest_path, checks.status_files, cfg)
+        if any(b.get("available") for b in injection["modes"].values()):
+            figures["injection_modes"] = plots.plot_injection_modes(
+                injection["modes"], out / "injection_modes.png"
+            ).name
         seconds["injection"] = time.perf_counter() - t
 
     qa = {
@@ -213,6 +221,13 @@ def build_report(
     return qa
 
 
+def _modes_arg(text: str) -> tuple[str, ...]:
+    try:
+        return parse_inject_modes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m qa.report", description=__doc__.split("\n\n")[0])
     p.add_argument("--pairs", required=True, help="run folder (committed shards + _SUCCESS)")
@@ -227,6 +242,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inject-noise", type=float, default=None, metavar="FRACTION")
     p.add_argument("--clip-model", default=None, help="CLIP folder for --inject-noise (default: the run's)")
     p.add_argument("--inject-max-samples", type=int, default=ReportConfig.inject_max_samples)
+    p.add_argument(
+        "--inject-modes",
+        type=_modes_arg,
+        default=ReportConfig.inject_modes,
+        metavar="MODES",
+        help="comma list of any, same-part, attribute (or all); the first fills qa.json 'injection'",
+    )
     p.add_argument("--mixture-score", default=ReportConfig.mixture_score)
     p.add_argument("--mixture-kind", choices=("gaussian", "beta"), default=ReportConfig.mixture_kind)
     p.add_argument("--no-hashes", action="store_true", help="check file sizes only, not sha256")
@@ -246,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         inject_noise=args.inject_noise,
         clip_model=args.clip_model,
         inject_max_samples=args.inject_max_samples,
+        inject_modes=args.inject_modes,
     )
     try:
         qa = build_report(args.pairs, args.out, args.manifest, cfg)

@@ -15,7 +15,7 @@ SCHEMA_KEY = b"rsm.schema"
 SCHEMA_VERSION_KEY = b"rsm.schema_version"
 
 MANIFEST_VERSION = "1"
-PAIRS_VERSION = "1"
+PAIRS_VERSION = "2"
 STATUS_VERSION = "1"
 
 # Body-part vocabulary shared by the synthetic benchmark, the region proposers and the lexicon.
@@ -62,6 +62,14 @@ PAIRS_SCHEMA = pa.schema(
         pa.field("margin", pa.float32(), nullable=False),  # cosine minus the runner-up region's cosine
         pa.field("mutual_best", pa.bool_(), nullable=False),
         pa.field("part_agreement", pa.float32(), nullable=False),  # 1 agree, 0 disagree, 0.5 unknown
+        # Content against the model's reference bank (miners.bank), null when the model has no bank:
+        # z-score of the pair's cosine among the text vs other people's same-part regions, and among
+        # the region vs other people's same-part sentences.
+        pa.field("bank_region_z", pa.float32()),
+        pa.field("bank_sentence_z", pa.float32()),
+        # Colour probe (miners.colour_probe): log-ratio of the written colour against the other basic
+        # colours for the region; 0 when the unit names no colour, null when the probe is off.
+        pa.field("colour_logit", pa.float32()),
         pa.field("reliability", pa.float32(), nullable=False),  # calibrated P(pair correct), in [0, 1]
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("clip_fingerprint", pa.string(), nullable=False),

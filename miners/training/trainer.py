@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -77,9 +78,24 @@ def local_alignment_loss(sent_emb, region_emb, region_keys, weights, temperature
     return -(weights * pos_log_prob).sum() / weights.sum().clamp_min(1e-6)
 
 
+class Objective(Protocol):
+    """What a training run optimises, on what data; the Trainer owns the loop, the optimizer, AMP and
+    exact resume. The default (`None`) is the caption objective: global identity-aware alignment plus,
+    with `local_weight`, the ROGLE local branch. miners.training.refine adds region-crop ↔ sentence."""
+
+    def batches(self, data: Any, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]: ...
+
+    def loss(self, trainer: Trainer, data: Any, idx: np.ndarray) -> tuple[torch.Tensor, dict]: ...
+
+    def evaluate(self, trainer: Trainer, test: Any) -> dict: ...
+
+
 class Trainer:
-    def __init__(self, model, processor, cfg: TrainConfig, run_dir: str | Path):
+    def __init__(
+        self, model, processor, cfg: TrainConfig, run_dir: str | Path, objective: Objective | None = None
+    ):
         self.model, self.processor, self.cfg = model, processor, cfg
+        self.objective = objective
         self.run_dir = Path(run_dir)
         self.device = pick_device(cfg.device)
         self.model.to(self.device)
@@ -199,7 +215,7 @@ class Trainer:
             raise ValueError("no training captions (check the manifest's train split and image errors)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
-        steps_per_epoch = max(1, len(train) // cfg.batch_size)
+        steps_per_epoch = len(self._epoch_batches(train, 0))
         total_steps = steps_per_epoch * cfg.epochs
         ckpt = self.run_dir / "checkpoint"
         history_path = self.run_dir / "history.jsonl"
@@ -216,15 +232,17 @@ class Trainer:
         last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, self.epoch + stop_after)
         while self.epoch < last_epoch:
             self.model.train()
-            # The epoch's order depends only on (seed, epoch): a resumed run sees the same batches.
-            order = np.random.default_rng([cfg.seed, self.epoch]).permutation(len(train))
+            batches = self._epoch_batches(train, self.epoch)
             t0 = time.perf_counter()
-            bar = tqdm(range(steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False)
+            bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False)
             sums: dict[str, float] = {}
-            for b in bar:
-                idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+            for idx in bar:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    loss, logs = self._batch_loss(train, idx)
+                    loss, logs = (
+                        self.objective.loss(self, train, idx)
+                        if self.objective
+                        else self._batch_loss(train, idx)
+                    )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
@@ -249,7 +267,18 @@ class Trainer:
         plot_curves(history_path, self.run_dir / "curves.png")
         return metrics
 
-    def evaluate(self, test: ClipData) -> dict:
+    def _epoch_batches(self, train, epoch: int) -> list[np.ndarray]:
+        """The epoch's batches; they depend only on (seed, epoch), so a resumed run sees the same ones."""
+        cfg = self.cfg
+        if self.objective is not None:
+            return self.objective.batches(train, cfg.batch_size, cfg.seed, epoch)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(train))
+        steps = max(1, len(train) // cfg.batch_size)
+        return [order[b * cfg.batch_size : (b + 1) * cfg.batch_size] for b in range(steps)]
+
+    def evaluate(self, test) -> dict:
+        if self.objective is not None:
+            return self.objective.evaluate(self, test)
         out = evaluate_global(self.model, test, self.processor, self.cfg.text_mode)
         out.update(evaluate_local(self.model, test, self.processor))
         return out
@@ -273,10 +302,11 @@ def plot_curves(history_path: Path, out_png: Path) -> None:
     axes[0].set_xlabel("epoch")
     axes[0].set_title("training loss")
     axes[0].legend()
-    evals = [(r["epoch"], r["eval"]) for r in rows if "eval" in r]
+    # Retrieval figures where the objective reports them (refine_clip reports its own keys instead).
+    evals = [(r["epoch"], r["eval"]) for r in rows if "R1" in r.get("eval", {})]
     for key in ("R1", "mAP"):
         axes[1].plot([e for e, _ in evals], [m[key] for _, m in evals], marker="o", label=f"{key} (all)")
-    long_r1 = [(e, m["long_query"].get("R1")) for e, m in evals if m["long_query"].get("R1") is not None]
+    long_r1 = [(e, m["long_query"]["R1"]) for e, m in evals if m.get("long_query", {}).get("R1") is not None]
     if long_r1:
         axes[1].plot([e for e, _ in long_r1], [v for _, v in long_r1], marker="s", label="R1 (long queries)")
     local = [(e, m.get("local_grounding_acc")) for e, m in evals if m.get("local_grounding_acc") is not None]

@@ -59,4 +59,8 @@ def test_validation_refuses_bad_values_up_front(tiny_dataset, tiny_clip_dir, tmp
         params_from(**good, fail_shards=[1])
     opts = build_options(params_from(**good, match_mode="clip", images_per_batch=4))
     assert opts.config.match.mode == "clip" and opts.config.images_per_batch == 4
+    opts = build_options(params_from(**good, max_batch_pixels=1_000_000))
+    assert opts.config.max_batch_pixels == 1_000_000
+    with pytest.raises(ValueError, match="max_batch_pixels must be >= 1"):
+        build_options(params_from(**good, max_batch_pixels=0))
     assert not (tmp_path / "o").exists()

@@ -59,3 +59,34 @@ def test_fit_needs_both_classes_and_default_is_flagged():
     assert d.calibrated is False and d.features == ("clip_cosine", "softmax_prob", "margin", "mutual_best")
     p = d.predict(m)
     assert ((p >= 0) & (p <= 1)).all()
+
+
+def test_the_fit_learns_from_known_wrong_text_units(tiny_dataset, tiny_clip_dir):
+    """fit_calibrator's text noise: units made wrong (another person's same-part unit, or a colour /
+    garment word the person does not wear) are re-mined in their captions and fitted as incorrect."""
+    import pyarrow.compute as pc
+
+    from miners.rsm import RSMConfig, RSMMiner
+    from miners.training.fit_calibrator import fit_on_manifest, noisy_pairs
+    from storage.manifest import read_manifest
+
+    cfg = RSMConfig(clip_model=str(tiny_clip_dir))
+    table, meta = read_manifest(tiny_dataset / "manifest.parquet")
+    miner = RSMMiner(cfg, calibrator=default_calibrator())
+    clean = miner.mine(table, meta["root"]).pairs
+    wrong, made = noisy_pairs(miner, table, meta["root"], clean, 0.3, ("same-part", "attribute"), seed=0)
+    assert made["same-part"] > 5 and made["attribute"] > 5
+    assert wrong.num_rows == made["same-part"] + made["attribute"]
+    ids = wrong["sample_id"].to_pylist()
+    assert all(s.endswith(("-same-part", "-attribute")) for s in ids) and len(set(ids)) == len(ids)
+    own_units: dict[str, set[str]] = {}
+    for sid, sentence in zip(clean["sample_id"].to_pylist(), clean["sentence"].to_pylist(), strict=True):
+        own_units.setdefault(sid, set()).add(sentence)
+    for sid, sentence in zip(ids, wrong["sentence"].to_pylist(), strict=True):
+        assert sentence not in own_units[sid.split("#inject")[0]]  # a unit its caption did not have
+    calibrator, report = fit_on_manifest(tiny_dataset / "manifest.parquet", cfg, None, None, text_noise=0.3)
+    info = calibrator.fit_info
+    assert info["n_pairs"] == clean.filter(pc.is_valid(clean["sample_id"])).num_rows + wrong.num_rows
+    assert info["text_noise"]["made"] == made and info["text_noise"]["fraction"] == 0.3
+    _, plain = fit_on_manifest(tiny_dataset / "manifest.parquet", cfg, None, None, text_noise=0.0)
+    assert report["pairs"] == plain["pairs"]  # the report judges the clean pairs only

@@ -56,3 +56,34 @@ def test_html_embeds_every_image_and_escapes_text(tmp_path):
     assert "<script>" not in page and "&lt;script&gt;" in page
     assert page.count("data:image/png;base64,") == 1 and "src='scores.png'" not in page
     assert "class='fail'" in page and "class='pass'" in page
+
+
+def _mode(name: str, auroc: float) -> dict:
+    return {
+        "mode": name,
+        "available": True,
+        "injected": 5,
+        "injected_rate": 0.25,
+        "auroc_clean_vs_injected": auroc,
+        "injected_kept_fraction": 0.4,
+        "clean_kept_fraction": 0.7,
+        "examples": [{"person_id": 3, "original": "a green top", "injected": "a purple top"}],
+    }
+
+
+def test_injection_modes_get_one_row_each_and_say_why_one_is_missing(tmp_path):
+    unavailable = {"mode": "attribute", "available": False, "reason": "no synth_identities.json in /d"}
+    modes = {"any": _mode("any", 0.8125), "same-part": _mode("same-part", 0.6875), "attribute": unavailable}
+    md = render_markdown(_qa(injection={**modes["any"], "modes": modes}))
+    assert "## Estimator check: injected noise (mode any)" in md and "### Injection modes" in md
+    assert "| any | 5 | 0.2500 | 0.8125 |" in md and "| same-part | 5 | 0.2500 | 0.6875 |" in md
+    assert "| attribute | n/a |" in md and "unavailable: no synth_identities.json in /d" in md
+    assert "| same-part | 3 | a green top | a purple top |" in md
+    (tmp_path / "scores.png").write_bytes(PNG_1PX)
+    page = render_html(_qa(injection={**modes["any"], "modes": modes}), tmp_path)
+    assert "<th>AUROC part-naming</th>" in page and "unavailable: no synth_identities.json" in page
+    # One mode alone: the table as before, no per-mode section; a first mode unavailable says why
+    one = render_markdown(_qa(injection={**modes["any"], "modes": {"any": modes["any"]}}))
+    assert "Injection modes" not in one and "| injected rate | 0.2500 |" in one
+    first = render_markdown(_qa(injection={**unavailable, "modes": {"attribute": unavailable}}))
+    assert "Mode attribute unavailable: no synth_identities.json in /d" in first

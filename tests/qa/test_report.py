@@ -213,6 +213,72 @@ def test_report_refuses_bad_inputs(mined_run, tmp_path):
         build_report(mined_run, mined_run / "qa")
 
 
+def test_attribute_injection_is_unavailable_without_an_identity_file(tmp_path, tiny_clip_dir):
+    # A user's own dataset: no synth_identities.json next to the images
+    out, _ = make_known_run(tmp_path)
+    qa = build_report(
+        out,
+        tmp_path / "qa",
+        sheet_samples=0,
+        inject_noise=0.5,
+        clip_model=str(tiny_clip_dir),
+        inject_modes=("any", "attribute"),
+    )
+    modes = qa["injection"]["modes"]
+    assert modes["any"]["available"] is True and modes["any"]["injected"] > 0
+    assert modes["attribute"]["available"] is False
+    assert "synth_identities.json" in modes["attribute"]["reason"]
+    assert qa["injection"]["mode"] == "any" and "recovered_rate" in qa["injection"]
+    assert "unavailable: no synth_identities.json" in (tmp_path / "qa" / "report.md").read_text()
+    # Only the unavailable mode: still a report, the block says why, nothing is re-mined
+    qa2 = build_report(
+        out,
+        tmp_path / "qa2",
+        sheet_samples=0,
+        inject_noise=0.5,
+        clip_model=str(tiny_clip_dir),
+        inject_modes=("attribute",),
+    )
+    alone = qa2["injection"]
+    assert alone["available"] is False and alone["modes"] == {"attribute": modes["attribute"]}
+    assert "injection_modes" not in qa2["figures"]  # no plot of nothing
+    assert "Mode attribute unavailable" in (tmp_path / "qa2" / "report.md").read_text()
+
+
+def test_cli_reads_the_injection_modes(mined_run, tmp_path, tiny_clip_dir, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--pairs", str(mined_run), "--out", str(tmp_path / "qa"), "--inject-modes", "any,colour"])
+    assert exc.value.code == 2 and "inject modes" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="inject modes"):
+        build_report(mined_run, tmp_path / "qa", inject_noise=0.2, inject_modes=())
+    rc = main(
+        [
+            "--pairs",
+            str(mined_run),
+            "--out",
+            str(tmp_path / "qa"),
+            "--sheet-samples",
+            "0",
+            "--no-hashes",
+            "--inject-noise",
+            "0.2",
+            "--clip-model",
+            str(tiny_clip_dir),
+            "--inject-max-samples",
+            "4",
+            "--inject-modes",
+            "same-part,any",
+        ]
+    )
+    assert rc == 0
+    qa = json.loads((tmp_path / "qa" / "qa.json").read_text())
+    assert qa["config"]["inject_modes"] == ["same-part", "any"]
+    assert qa["injection"]["mode"] == "same-part" and list(qa["injection"]["modes"]) == ["same-part", "any"]
+    with Image.open(tmp_path / "qa" / qa["figures"]["injection_modes"]) as img:
+        assert img.format == "PNG"
+    assert "### Injection modes" in (tmp_path / "qa" / "report.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def mined_run(tiny_run) -> Path:
     """The tiny dataset mined through RSMMiner into a committed, finalized run (tests/conftest.py)."""
