@@ -65,7 +65,7 @@ def run_one(pairs: Path, manifest: Path | None, out: Path, flags: list[str], see
     metrics_path = out / "metrics.json"
     if not metrics_path.is_file() or not json.loads(metrics_path.read_text()):
         argv = ["--pairs", str(pairs), "--out", str(out), "--epochs", str(epochs), "--seed", str(seed)]
-        argv += ["--eval-every", str(epochs), *flags]
+        argv += ["--eval-every", str(epochs), "--overwrite", *flags]  # a run left unfinished starts again
         if manifest is not None:
             argv += ["--manifest", str(manifest)]
         t0 = time.perf_counter()

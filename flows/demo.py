@@ -174,7 +174,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics_path = train_dir / "metrics.json"
     if metrics_path.is_file() and json.loads(metrics_path.read_text()):
         print(f"  reusing {train_dir}")
-    elif train_main(["--pairs", str(shards), "--out", str(train_dir), "--epochs", str(args.train_epochs)]):
+    elif train_main(
+        ["--pairs", str(shards), "--out", str(train_dir), "--epochs", str(args.train_epochs)]
+        # an interrupted run continues from its checkpoint; a folder left without one starts again
+        + (["--resume"] if (train_dir / "checkpoint").is_dir() else ["--overwrite"])
+    ):
         raise SystemExit("ROGLE training failed")
     done("train")
 

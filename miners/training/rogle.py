@@ -7,14 +7,21 @@ tiny bootstrapped CLIP by default; a real CLIP such as ViT-B/16 when given); pro
 R10, mAP, mINP, local_grounding_acc and a `long_query` block, and `curves.png`.
 
     python -m miners.train_rogle --pairs SHARDS [--manifest M] [--init DIR] [--out RUN_DIR]
-        [--epochs N] [--no-local] [--no-reliability] [--seed S]
+        [--epochs N] [--no-local] [--no-reliability] [--seed S] [--resume | --overwrite]
+
+Run folders never overwrite each other: without `--out` each run gets a new folder
+`outputs/train/<UTC time>/` (and `outputs/train/latest` points at it); an `--out` that already holds a
+run is refused unless `--resume` (continue it) or `--overwrite` (replace it) is given.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.compute as pc
@@ -33,7 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--pairs", required=True, type=Path, help="committed shard folder (has _SUCCESS)")
     ap.add_argument("--manifest", type=Path, help="default: the manifest the shards were mined from")
     ap.add_argument("--init", type=Path, help="CLIP folder to start from (default: the mining run's CLIP)")
-    ap.add_argument("--out", type=Path, default=Path("outputs/train"), help="run folder")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help=f"run folder (default: a new {DEFAULT_RUNS}/<UTC time>/, with {DEFAULT_RUNS}/latest pointing at it)",
+    )
     ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--lr", type=float, default=None, help="default 1e-4 (fine-tuning the bootstrapped CLIP)")
@@ -46,7 +58,52 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint")
-    return ap.parse_args(argv)
+    ap.add_argument("--overwrite", action="store_true", help="replace what RUN_DIR holds")
+    args = ap.parse_args(argv)
+    if args.resume and args.overwrite:
+        ap.error("--resume and --overwrite exclude each other")
+    return args
+
+
+DEFAULT_RUNS = Path("outputs/train")
+
+
+def new_run_dir(runs: Path = DEFAULT_RUNS) -> Path:
+    """A folder under `runs` that does not exist yet, named by the UTC time."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    out, k = runs / stamp, 1
+    while out.exists():
+        k += 1
+        out = runs / f"{stamp}-{k}"
+    return out
+
+
+def point_latest(run_dir: Path) -> None:
+    """`<runs>/latest` -> run_dir (a relative symlink, swapped in atomically)."""
+    link = run_dir.parent / "latest"
+    tmp = run_dir.parent / ".latest.tmp"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.name)
+    os.replace(tmp, link)
+
+
+def claim_run_dir(out: Path | None, resume: bool, overwrite: bool) -> tuple[Path | None, str | None]:
+    """(the run folder to write, None) or (None, why it is refused)."""
+    if out is None:
+        if resume:
+            return None, "--resume needs --out RUN_DIR (the run to continue)"
+        return new_run_dir(), None
+    if out.exists() and not out.is_dir():
+        return None, f"--out {out} is a file, not a run folder"
+    holds_run = out.is_dir() and any(out.iterdir())
+    if holds_run and not (resume or overwrite):
+        return None, (
+            f"--out {out} already holds a training run; pass --resume to continue it, --overwrite to replace "
+            "it, or another --out (without --out every run gets a new folder)"
+        )
+    if holds_run and overwrite:
+        shutil.rmtree(out)
+    return out, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,12 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     manifest_path = args.manifest or Path(plan.manifest_path)
     init = args.init or Path(run_config.rsm.clip_model)
+    problems = []
     if not manifest_path.is_file():
-        print(f"error: manifest {manifest_path} not found (pass --manifest)")
-        return 2
+        problems.append(
+            f"manifest {manifest_path} not found" + ("" if args.manifest else " (pass --manifest)")
+        )
     if not (init / "config.json").is_file():
-        print(f"error: CLIP folder {init} not found (pass --init)")
+        hint = "" if args.init else " (pass --init)"
+        problems.append(f"{init}: not a CLIP model folder (no config.json){hint}")
+    out, refused = (None, None) if problems else claim_run_dir(args.out, args.resume, args.overwrite)
+    if refused:
+        problems.append(refused)
+    if problems:  # every problem at once, before anything is written or removed
+        print("error: " + "; ".join(problems))
         return 2
+    args.out = out
     table, meta = read_manifest(manifest_path)
     pairs = pairs.filter(pc.equal(pairs["split"], "train"))
 
@@ -85,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     train_rows = table.filter(pc.equal(table["split"], "train"))
     test_rows = table.filter(pc.equal(table["split"], "test"))
+    for entry in sorted(pc.value_counts(table["split"]).to_pylist(), key=lambda c: str(c["values"])):
+        if entry["values"] not in ("train", "test"):
+            print(
+                f"train_rogle: split {entry['values']!r}: {entry['counts']} captions not used "
+                "(train trains, test evaluates)"
+            )
     train = build_clip_data(
         train_rows,
         processor,
@@ -103,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(test) if test else 0} test captions; data in {time.perf_counter() - t0:.1f}s"
     )
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.out.parent.resolve() == DEFAULT_RUNS.resolve():
+        point_latest(args.out)
     (args.out / "run_args.json").write_text(
         json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
@@ -118,13 +192,30 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(model, processor, cfg, args.out)
     metrics = trainer.fit(train, test, resume=args.resume)
     if metrics:
-        lq = metrics.get("long_query", {})
-        print(
-            f"R1 {metrics['R1']:.1f}  R5 {metrics['R5']:.1f}  R10 {metrics['R10']:.1f}  mAP {metrics['mAP']:.1f}  "
-            f"mINP {metrics['mINP']:.1f}  long-query R1 {lq.get('R1', float('nan')):.1f}  "
-            f"local grounding {metrics.get('local_grounding_acc') or float('nan'):.1f}%  → {args.out}"
-        )
+        print(metrics_line(metrics) + f"  → {args.out}")
+    else:
+        print(f"train_rogle: no test split in {manifest_path}: nothing evaluated  → {args.out}")
     return 0
+
+
+def metrics_line(metrics: dict) -> str:
+    """The figures with the sizes they stand on, and the reason where one cannot be computed."""
+    lq = metrics.get("long_query", {})
+    parts = [
+        f"R1 {metrics['R1']:.1f}  R5 {metrics['R5']:.1f}  R10 {metrics['R10']:.1f}  mAP {metrics['mAP']:.1f}  "
+        f"mINP {metrics['mINP']:.1f} ({metrics.get('num_queries')} queries, gallery of {metrics.get('num_gallery')} images)"
+    ]
+    if lq.get("R1") is not None:
+        parts.append(f"long-query R1 {lq['R1']:.1f} ({lq.get('num_queries')} queries)")
+    else:
+        parts.append("long-query R1: no test captions with >= 5 sentences")
+    if metrics.get("local_grounding_acc") is not None:
+        parts.append(
+            f"local grounding {metrics['local_grounding_acc']:.1f}% ({metrics.get('local_sentences')} sentences)"
+        )
+    else:
+        parts.append("local grounding: no ground-truth links in the test split")
+    return "  ".join(parts)
 
 
 if __name__ == "__main__":

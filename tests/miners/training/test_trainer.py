@@ -126,3 +126,31 @@ def test_train_rogle_cli_smoke(tiny_run, tmp_path, flags, capsys):
 def test_train_rogle_clear_error_without_a_run(tmp_path, capsys):
     assert rogle_main(["--pairs", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
     assert "cannot read committed pairs" in capsys.readouterr().out
+
+
+def test_train_rogle_runs_never_overwrite_each_other(tiny_run, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default run folders live under ./outputs/train
+    base = ["--pairs", str(tiny_run), "--epochs", "1", "--batch-size", "8"]
+    assert rogle_main(base) == 0
+    first_out = capsys.readouterr().out
+    runs = tmp_path / "outputs" / "train"
+    (first,) = [p for p in runs.iterdir() if p.name != "latest"]
+    assert (runs / "latest").resolve() == first.resolve() and (first / "metrics.json").is_file()
+    # The line names what the figures stand on, and why a figure is missing.
+    assert "queries, gallery of" in first_out
+    assert "long-query R1" in first_out and "nan" not in first_out
+    assert rogle_main(base) == 0
+    second = (runs / "latest").resolve()
+    assert second != first.resolve() and (first / "metrics.json").is_file()  # the first run is intact
+    # An --out that holds a run is refused without --resume / --overwrite, and nothing is touched.
+    before = sorted(p.name for p in first.iterdir())
+    capsys.readouterr()
+    assert rogle_main([*base, "--out", str(first)]) == 2
+    assert "already holds a training run; pass --resume" in capsys.readouterr().out
+    assert sorted(p.name for p in first.iterdir()) == before
+    # A missing --init is reported with the flag's value, before the run folder is claimed or removed.
+    assert rogle_main([*base, "--out", str(first), "--overwrite", "--init", str(tmp_path / "nope")]) == 2
+    assert f"{tmp_path / 'nope'}: not a CLIP model folder (no config.json)" in capsys.readouterr().out
+    assert sorted(p.name for p in first.iterdir()) == before
+    assert rogle_main([*base, "--out", str(first), "--overwrite"]) == 0
+    assert (first / "metrics.json").is_file()
