@@ -301,14 +301,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{summary['out']}: {summary['shards_committed']}/{summary['n_shards']} shards "
         f"({summary['shards_mined_now']} mined now), "
         f"{summary['ok_rows']} ok rows + {summary['mining_error_rows']} rows with mining errors, {summary['pairs']} pairs "
-        f"({summary['kept_pairs']} kept), {summary['images_per_s']} images/s, {summary['wall_s']}s"
+        f"({summary['kept_pairs']} kept), "
+        + (
+            f"{summary['images_per_s']} images/s"
+            if summary.get("images_per_s") is not None
+            else "nothing left to mine (already committed)"
+        )
+        + f", {summary['wall_s']}s"
     )
     if "qa" in summary:
         print(
             f"QA report in {qa_out}: "
-            + ", ".join(f"{k}={v}" for k, v in summary["qa"].items() if v is not None)
+            + ", ".join(f"{k}={_rounded(v)}" for k, v in summary["qa"].items() if v is not None)
         )
     return 0
+
+
+def _rounded(value: Any) -> Any:
+    """Figures for people: 3 significant digits (qa.json keeps full precision)."""
+    return float(f"{value:.3g}") if isinstance(value, float) else value
 
 
 if __name__ == "__main__":

@@ -211,8 +211,15 @@ class TqdmReporter(Reporter):
         from tqdm import tqdm
 
         total = len(plan.shards)
+        # disable=None: a bar on a terminal only; a log file gets the LogReporter's line per shard instead
+        # of carriage-return frames.
         self.bar = tqdm(
-            total=total, initial=total - len(pending), unit="shard", desc="mine-rsm", file=sys.stderr
+            total=total,
+            initial=total - len(pending),
+            unit="shard",
+            desc="mine-rsm",
+            file=sys.stderr,
+            disable=None,
         )
 
     def on_event(self, event: ShardEvent, progress: Progress) -> None:

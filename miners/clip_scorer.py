@@ -63,6 +63,9 @@ def load_clip(model_dir: str | Path, device: str = "auto"):
             f"{model_dir}: not a CLIP model folder (no config.json); build one with "
             "`python -m miners.training.bootstrap` or save a real CLIP there with save_pretrained"
         )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load says nothing about a local folder
     model = CLIPModel.from_pretrained(model_dir, local_files_only=True)
     processor = AutoProcessor.from_pretrained(model_dir, local_files_only=True)
     return model.to(pick_device(device)).eval(), processor

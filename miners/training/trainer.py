@@ -234,7 +234,8 @@ class Trainer:
             self.model.train()
             batches = self._epoch_batches(train, self.epoch)
             t0 = time.perf_counter()
-            bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False)
+            # A bar on a terminal only (disable=None); every epoch also ends with one plain line below.
+            bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, disable=None)
             sums: dict[str, float] = {}
             for idx in bar:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
@@ -260,6 +261,7 @@ class Trainer:
                 record["eval"] = metrics
             with history_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            print(epoch_line(record, cfg.epochs), flush=True)
             self.save_checkpoint()
         if test is not None and not metrics:
             metrics = self.evaluate(test)
@@ -282,6 +284,16 @@ class Trainer:
         out = evaluate_global(self.model, test, self.processor, self.cfg.text_mode)
         out.update(evaluate_local(self.model, test, self.processor))
         return out
+
+
+def epoch_line(record: dict, epochs: int) -> str:
+    """One plain log line per epoch: the losses, the time, and the evaluation's headline figures."""
+    losses = "  ".join(f"{k} {v:.3f}" for k, v in record.items() if k.startswith("loss"))
+    line = f"epoch {record['epoch']}/{epochs}: {losses}  ({record['epoch_seconds']:.0f}s)"
+    figures = {k: v for k, v in record.get("eval", {}).items() if isinstance(v, float)}
+    if figures:
+        line += "  " + "  ".join(f"{k} {v:.3g}" for k, v in list(figures.items())[:6])
+    return line
 
 
 def plot_curves(history_path: Path, out_png: Path) -> None:

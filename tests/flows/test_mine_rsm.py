@@ -186,6 +186,20 @@ def test_rerun_of_a_finished_run_adds_and_changes_nothing(reference, params):
     assert snapshot(out) == before
 
 
+def test_the_cli_rerun_of_a_finished_run_says_so_in_plain_figures(reference, params, tmp_path, capsys):
+    out, _ = reference
+    argv = ["--manifest", params["manifest"], "--out", str(out), "--clip-model", params["clip_model"]]
+    argv += ["--shard-size", str(SHARD_SIZE), "--no-prefect", "--qa-out", str(tmp_path / "qa")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "nothing left to mine (already committed)" in printed and "None images/s" not in printed
+    qa_line = next(line for line in printed.splitlines() if line.startswith("QA report in"))
+    figures = dict(item.split("=") for item in qa_line.split(": ", 1)[1].split(", "))
+    assert all(
+        len(v.replace("0.", "").lstrip("0").replace(".", "")) <= 3 for v in figures.values() if "." in v
+    )
+
+
 def test_changed_config_is_refused_with_a_clear_message(reference, params, capsys):
     out, _ = reference
     before = snapshot(out)
