@@ -116,6 +116,14 @@ def plot_reliability_diagram(bins: list[dict], ece: float | None, path: Path) ->
                 edgecolor="white",
             )
             ax.plot([b["mean_prob"]], [b["accuracy"]], "k.", ms=4)
+            # The pairs behind each bar: a bin of a few hundred pairs swings, one of thousands does not
+            ax.text(
+                (b["lo"] + b["hi"]) / 2,
+                min(b["accuracy"] + 0.02, 0.97),
+                f"{int(b['count']):,}",
+                ha="center",
+                fontsize=6,
+            )
     ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1)
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)

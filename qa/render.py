@@ -62,6 +62,11 @@ def _summary_blocks(qa: dict) -> list[Block]:
             f"Pairs folder `{run.get('pairs_dir', '?')}`; manifest `{run.get('manifest_path') or 'n/a'}`; "
             f"generated {qa.get('generated_at', '?')}.",
         ),
+        *(
+            [("h", 2, "Verdict: which figure to trust"), ("p", qa["verdict"]["why"])]
+            if qa.get("verdict")
+            else []
+        ),
         ("h", 2, "Noise"),
         ("table", ["figure", "value"], [[label, fmt(qa.get(key))] for key, label in HEADLINE if key in qa]),
     ]

@@ -44,6 +44,7 @@ from qa.mixture import MIXTURE_KINDS, posterior_noisy
 from qa.noise import BREAKDOWN_KEYS, column_range, fit_mixture_lazy, label_free_figures, score_histogram
 from qa.render import render_html, render_markdown, summary_markdown
 from qa.truth import add_true_breakdowns, judge_run, load_ground_truth, truth_figures
+from qa.verdict import calibrator_provenance, verdict
 from storage.schemas import PAIRS_SCHEMA
 from storage.shards import ShardStoreError, load_run_plan
 
@@ -187,6 +188,9 @@ def build_report(
             ).name
         seconds["injection"] = time.perf_counter() - t
 
+    provenance = (
+        calibrator_provenance(run_cfg.rsm.clip_model, run_cfg.rsm.calibrator) if run_cfg is not None else None
+    )
     qa = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "run": {
@@ -212,6 +216,7 @@ def build_report(
         "injection": injection,
         "config": dataclasses.asdict(cfg),
     }
+    qa["verdict"] = verdict(qa, provenance)
     seconds["total"] = time.perf_counter() - t0
     qa["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     qa = _json_safe(qa)
