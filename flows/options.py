@@ -152,33 +152,82 @@ class MineOptions:
             raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
 
 
-def build_options(params: MineParams) -> MineOptions:
-    """Validate parameters up front (before Ray or Prefect do any work) and resolve paths."""
-    p = params
+class PreflightError(ValueError):
+    """Every problem with a run's parameters, found before Ray or Prefect do any work."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        head = "1 problem" if len(problems) == 1 else f"{len(problems)} problems"
+        super().__init__(
+            f"{head} before mining: " + " ".join(f"({k}) {p}" for k, p in enumerate(problems, 1))
+        )
+
+
+def _fix(name: str, value: str) -> str:
+    """How to set parameter `name`, on the CLI and on a deployment."""
+    return f"pass --{name.replace('_', '-')} {value} (deployments: --param {name}={value})"
+
+
+def preflight(p: MineParams) -> list[str]:
+    """Every prerequisite of a run, checked at once; each problem says what fixes it."""
+    problems = []
     if p.clip_model is None:
-        raise ValueError(f"no CLIP model given: {CLIP_MODEL_HINT}")
-    clip_dir = Path(p.clip_model).resolve()
-    if not (clip_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{clip_dir}: not a CLIP model folder (no config.json); {CLIP_MODEL_HINT}")
+        problems.append(f"no CLIP model given: {_fix('clip_model', 'DIR')}; {CLIP_MODEL_HINT}")
+    elif not (Path(p.clip_model) / "config.json").is_file():
+        problems.append(
+            f"{Path(p.clip_model).resolve()}: not a CLIP model folder (no config.json); {_fix('clip_model', 'DIR')} "
+            "(README: Using real checkpoints)"
+        )
     if not Path(p.manifest).is_file():
-        raise FileNotFoundError(
+        problems.append(
             f"manifest {p.manifest} does not exist; build it with `python -m storage.manifest` "
             "(`make demo` builds outputs/demo/manifest.parquet)"
         )
+    else:
+        root = _manifest_root(Path(p.manifest))
+        if root is not None and not Path(root).is_dir():
+            problems.append(f"the manifest's dataset root {root} is not a folder (re-import the dataset)")
     for f in fields(MineParams):
         value, valid = getattr(p, f.name), f.metadata.get("choices")
         if valid is not None and value not in valid:
-            raise ValueError(f"{f.name} {value!r} is not one of {', '.join(valid)}")
+            problems.append(f"{f.name} {value!r} is not one of {', '.join(valid)}")
     if p.proposer.startswith("sam") and not p.sam_checkpoint:
-        raise ValueError(f"proposer {p.proposer!r} needs --sam-checkpoint PATH (a segment-anything .pth)")
-    if p.calibrator and not Path(p.calibrator).is_file():
-        raise FileNotFoundError(f"calibrator {p.calibrator} does not exist")
-    if p.calibration_manifest and not Path(p.calibration_manifest).is_file():
-        raise FileNotFoundError(f"calibration manifest {p.calibration_manifest} does not exist")
-    if p.qa_inject_noise is not None and not 0 < p.qa_inject_noise < 1:
-        raise ValueError(f"qa_inject_noise must be a fraction in (0, 1), got {p.qa_inject_noise}")
+        problems.append(
+            f"proposer {p.proposer!r} needs a segment-anything .pth: {_fix('sam_checkpoint', 'PATH')}"
+        )
     if p.sam_checkpoint and not Path(p.sam_checkpoint).is_file():
-        raise FileNotFoundError(f"SAM checkpoint {p.sam_checkpoint} does not exist")
+        problems.append(f"SAM checkpoint {p.sam_checkpoint} does not exist")
+    if p.calibrator and not Path(p.calibrator).is_file():
+        problems.append(f"calibrator {p.calibrator} does not exist")
+    if p.calibration_manifest and not Path(p.calibration_manifest).is_file():
+        problems.append(f"calibration manifest {p.calibration_manifest} does not exist")
+    if p.qa_inject_noise is not None and not 0 < p.qa_inject_noise < 1:
+        problems.append(f"qa_inject_noise must be a fraction in (0, 1), got {p.qa_inject_noise}")
+    out = Path(p.out)
+    if out.exists() and not out.is_dir():
+        problems.append(f"--out {out} is a file, not a shard folder")
+    return problems
+
+
+def _manifest_root(path: Path) -> str | None:
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except Exception:  # an unreadable manifest is plan_shards' to report, with its own message
+        return None
+    root = meta.get(b"rsm.root")
+    return root.decode() if root else None
+
+
+def build_options(params: MineParams) -> MineOptions:
+    """Validate parameters up front (before Ray or Prefect do any work; every problem at once, as one
+    PreflightError) and resolve paths."""
+    p = params
+    problems = preflight(p)
+    if problems:
+        raise PreflightError(problems)
+    clip_dir = Path(p.clip_model).resolve()
     config = RSMConfig(
         clip_model=str(clip_dir),  # absolute: Ray workers do not share the driver's working directory
         calibrator=str(Path(p.calibrator).resolve()) if p.calibrator else None,
@@ -216,6 +265,8 @@ def params_from(**values: Any) -> MineParams:
 
 __all__ = [
     "CLIP_MODEL_HINT",
+    "PreflightError",
+    "preflight",
     "MineOptions",
     "MineParams",
     "add_param_arguments",

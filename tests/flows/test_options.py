@@ -9,7 +9,7 @@ from dataclasses import MISSING, fields
 import pytest
 
 from flows.mine_rsm import mine_rsm, parse_args
-from flows.options import MineParams, build_options, param_defaults, params_from
+from flows.options import MineParams, PreflightError, build_options, param_defaults, params_from
 from miners.matching import MatchConfig
 from miners.rsm import RSMConfig
 
@@ -44,11 +44,32 @@ def test_cli_is_derived_from_the_table(tmp_path):
         parse_args(["--manifest", "m", "--out", "o", "--crop-mode", "nope"])
 
 
+def test_preflight_reports_every_problem_at_once_with_its_fix(tmp_path):
+    params = params_from(
+        manifest=str(tmp_path / "missing.parquet"),
+        out=str(tmp_path / "o"),
+        clip_model=str(tmp_path / "nope"),
+        proposer="sam-prompted",
+        calibrator=str(tmp_path / "cal.json"),
+    )
+    with pytest.raises(PreflightError) as info:
+        build_options(params)
+    problems = info.value.problems
+    assert len(problems) == 4 and str(info.value).startswith("4 problems before mining: (1) ")
+    clip, manifest, sam, calibrator = problems
+    assert (
+        "not a CLIP model folder" in clip and "--param clip_model=DIR" in clip and "--clip-model DIR" in clip
+    )
+    assert "python -m storage.manifest" in manifest
+    assert "--param sam_checkpoint=PATH" in sam and "cal.json does not exist" in calibrator
+    assert not (tmp_path / "o").exists()  # nothing was created
+
+
 def test_validation_refuses_bad_values_up_front(tiny_dataset, tiny_clip_dir, tmp_path):
     base = {"manifest": str(tiny_dataset / "manifest.parquet"), "out": str(tmp_path / "o")}
     with pytest.raises(ValueError, match="--clip-model"):
         build_options(params_from(**base))
-    with pytest.raises(FileNotFoundError, match="not a CLIP model folder"):
+    with pytest.raises(PreflightError, match="not a CLIP model folder"):
         build_options(params_from(**base, clip_model=str(tmp_path)))
     good = {**base, "clip_model": str(tiny_clip_dir)}
     with pytest.raises(ValueError, match="crop_mode 'x' is not one of"):
