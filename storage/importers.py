@@ -86,6 +86,36 @@ FORMATS: dict[str, DatasetFormat] = {
 }
 
 
+def format_hints(root: Path, fmt: str, records: list[Any] | None = None) -> list[str]:
+    """Why `root` may be another supported format: other formats' annotation files lying under `root`,
+    and, given records, a format whose image-path field and split names the records use where `fmt`'s
+    do not. Each hint ends in the flag to try."""
+    hints = []
+    for other in FORMATS.values():
+        if other.name != fmt and (root / other.annotation_file).is_file():
+            hints.append(
+                f"{other.annotation_file} is here: this looks like {other.name}, try --format {other.name}"
+            )
+    dicts = [r for r in (records or [])[:200] if isinstance(r, dict)]
+    if dicts:
+        current = FORMATS[fmt]
+
+        def fit(f: DatasetFormat) -> float:
+            has_path = sum(f.path_field in r for r in dicts) / len(dicts)
+            splits = [r.get("split") for r in dicts if "split" in r]
+            split_ok = sum(s in f.splits for s in splits) / len(splits) if splits else 1.0
+            return has_path * split_ok
+
+        best = max((f for f in FORMATS.values() if f.name != fmt), key=fit)
+        if fit(best) > fit(current) and fit(best) > 0.5:
+            keys = sorted({k for r in dicts for k in r})[:8]
+            hints.append(
+                f"the records look like {best.name} (fields {', '.join(keys)}; {fmt} reads the image path "
+                f"from {current.path_field!r} and splits {'/'.join(current.splits)}): try --format {best.name}"
+            )
+    return hints
+
+
 @dataclass(frozen=True)
 class Reject:
     """One (image, caption) row that was not imported; caption_index is None for whole-record rejects."""

@@ -26,7 +26,15 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.importers import FORMATS, ManifestError, RecordImporter, Reject, load_annotations, printable
+from storage.importers import (
+    FORMATS,
+    ManifestError,
+    RecordImporter,
+    Reject,
+    format_hints,
+    load_annotations,
+    printable,
+)
 from storage.schemas import MANIFEST_SCHEMA, check_version, with_version
 
 DEFAULT_MAX_CAPTION_CHARS = 4000
@@ -64,6 +72,12 @@ class ImportSummary:
     per_split: dict[str, SplitCounts]
     rejected: dict[str, int]  # reason -> rejected (image, caption) rows
     first_rejects: list[Reject] = field(default_factory=list)
+    hints: list[str] = field(default_factory=list)  # other formats this dataset may be (format_hints)
+
+    @property
+    def reject_fraction(self) -> float:
+        n = sum(self.rejected.values())
+        return n / (n + self.rows) if n + self.rows else 0.0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -84,7 +98,11 @@ class ImportSummary:
             for r in self.first_rejects:
                 where = "" if r.message.startswith("record ") else f"record {r.record_index}: "
                 lines.append(f"  [{r.reason}] {where}{r.message}")
+        lines += [f"hint: {h}" for h in self.hints]
         return "\n".join(lines)
+
+
+DEFAULT_MAX_REJECT_FRACTION = 0.1
 
 
 def default_rejects_path(out: Path) -> Path:
@@ -113,7 +131,11 @@ def import_dataset(
     out = Path(out)
     rejects_path = Path(rejects_path) if rejects_path is not None else default_rejects_path(out)
 
-    records = load_annotations(source)
+    try:
+        records = load_annotations(source)
+    except ManifestError as exc:
+        hints = format_hints(root, fmt)
+        raise ManifestError(str(exc) + "".join(f"; {h}" for h in hints)) from exc
     importer = RecordImporter(dataset, root, max_caption_chars)
     for index, record in enumerate(records):
         importer.add(index, record)
@@ -122,7 +144,11 @@ def import_dataset(
     _write_parquet(_rejects_table(importer.rejects, fmt, source), rejects_path)
     if not importer.rows:
         reasons = ", ".join(f"{k} {v}" for k, v in rejected.items()) or "the list is empty"
-        raise ManifestError(f"{source}: zero usable rows ({reasons}); rejects in {rejects_path}")
+        example = f"; e.g. {importer.rejects[0].message}" if importer.rejects else ""
+        hints = "".join(f"; {h}" for h in format_hints(root, fmt, records))
+        raise ManifestError(
+            f"{source}: zero usable rows ({reasons}){example}; rejects in {rejects_path}{hints}"
+        )
 
     schema = with_version("manifest", {"rsm.root": str(root), "rsm.format": fmt, "rsm.source": str(source)})
     _write_parquet(pa.Table.from_pylist(importer.rows, schema=schema), out)
@@ -136,6 +162,7 @@ def import_dataset(
         per_split=_per_split(importer.rows),
         rejected=rejected,
         first_rejects=importer.rejects[:SHOWN_REJECTS],
+        hints=format_hints(root, fmt, records) if importer.rejects else [],
     )
 
 
@@ -207,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--max-caption-chars", type=int, default=DEFAULT_MAX_CAPTION_CHARS)
     parser.add_argument("--summary-json", type=Path, help="also write the validation summary as JSON")
+    parser.add_argument(
+        "--max-reject-fraction",
+        type=float,
+        default=DEFAULT_MAX_REJECT_FRACTION,
+        help="exit 1 when more than this fraction of (image, caption) rows is rejected (default %(default)s)",
+    )
+    parser.add_argument("--allow-rejects", action="store_true", help="exit 0 whatever fraction is rejected")
     return parser
 
 
@@ -230,6 +264,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc.filename or ''}: {exc.strerror or exc}", file=sys.stderr)
         return 2
     print(summary.format_table())
+    if summary.reject_fraction > args.max_reject_fraction and not args.allow_rejects:
+        print(
+            f"error: {summary.reject_fraction:.0%} of the rows were rejected (more than "
+            f"--max-reject-fraction {args.max_reject_fraction:g}); the manifest holds the {summary.rows} accepted "
+            "rows. Fix the data or the --format (see the reasons above), or pass --allow-rejects to accept them",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

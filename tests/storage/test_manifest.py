@@ -41,7 +41,8 @@ def make_dataset(root: Path, fmt: str, records: list, images: list[str] | None =
 
 
 def run_main(root: Path, fmt: str, out: Path, *extra: str) -> int:
-    return main(["--format", fmt, "--root", str(root), "--out", str(out), *extra])
+    # These tests are about the rejects themselves: the reject-fraction gate has its own test.
+    return main(["--format", fmt, "--root", str(root), "--out", str(out), "--allow-rejects", *extra])
 
 
 def rejects_of(out: Path) -> list[dict]:
@@ -598,3 +599,29 @@ def test_module_entry_point_runs(tmp_path: Path) -> None:
         timeout=120,
     )
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_many_rejects_exit_1_unless_allowed_and_another_format_is_hinted(tmp_path, capsys):
+    # CUHK-PEDES content imported as RSTPReid: the path field is 'img_path' there, so every record fails.
+    records = [rec(i + 1, f"p{i}.png", ["A man in a red coat."]) for i in range(5)]
+    root = make_dataset(tmp_path / "ds", "cuhk-pedes", records, images=[f"p{i}.png" for i in range(5)])
+    (root / "data_captions.json").write_bytes((root / "reid_raw.json").read_bytes())
+    assert main(["--format", "rstpreid", "--root", str(root), "--out", str(tmp_path / "m.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "zero usable rows (bad_record 5); e.g. record 0" in err
+    assert "reid_raw.json is here: this looks like cuhk-pedes, try --format cuhk-pedes" in err
+    assert "the records look like cuhk-pedes" in err and "reads the image path from 'img_path'" in err
+    # A missing annotation file names the one that is there.
+    assert main(["--format", "icfg-pedes", "--root", str(root), "--out", str(tmp_path / "m.parquet")]) == 2
+    assert "ICFG-PEDES.json: annotation file not found; reid_raw.json is here" in capsys.readouterr().err
+    # 2 of 6 rows rejected (33% > 10%): exit 1 with the reasons, unless --allow-rejects.
+    records.append(rec(6, "missing.png", ["A woman."]))
+    records[0]["captions"] = [""]
+    root = make_dataset(tmp_path / "ds2", "cuhk-pedes", records, images=[f"p{i}.png" for i in range(5)])
+    argv = ["--format", "cuhk-pedes", "--root", str(root), "--out", str(tmp_path / "m2.parquet")]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert "33% of the rows were rejected" in captured.err and "--allow-rejects" in captured.err
+    assert "first 2 rejects:" in captured.out
+    assert main([*argv, "--allow-rejects"]) == 0
+    assert main([*argv, "--max-reject-fraction", "0.5"]) == 0
