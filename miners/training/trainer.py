@@ -96,6 +96,9 @@ class Trainer:
     ):
         self.model, self.processor, self.cfg = model, processor, cfg
         self.objective = objective
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
         self.run_dir = Path(run_dir)
         self.device = pick_device(cfg.device)
         self.model.to(self.device)
