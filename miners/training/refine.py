@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
 
@@ -120,8 +121,6 @@ def split_by_image(pairs: pa.Table, held_out_fraction: float, seed: int) -> tupl
     n_out = int(round(held_out_fraction * len(images)))
     held = set(rng.choice(len(images), size=n_out, replace=False).tolist()) if n_out else set()
     out_ids = pa.array([images[k] for k in sorted(held)], pa.string())
-    import pyarrow.compute as pc
-
     is_out = pc.is_in(pairs["image_id"], value_set=out_ids)
     return pairs.filter(pc.invert(is_out)), pairs.filter(is_out)
 
@@ -150,7 +149,8 @@ class RegionSentenceObjective:
         self.temperature = temperature
         self.hard_weight = hard_weight
         self.colour_weight = colour_weight
-        self._hard: dict[int, np.ndarray] = {}
+        # The current epoch's hard negatives, keyed by (data, epoch): drawn once per epoch, not per batch
+        self._hard: dict[tuple[int, int], np.ndarray] = {}
 
     def batches(self, data: RefineData, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
         order = np.random.default_rng([seed, epoch]).permutation(len(data))
