@@ -25,6 +25,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import shutil
 import sys
 import time
 from datetime import UTC, datetime
@@ -72,6 +74,10 @@ def build_report(
 ) -> dict:
     """Write the QA report of run folder `pairs_dir` into `out_dir`; returns the qa.json dict.
 
+    The files are written into a staging folder beside `out_dir` and moved in only once all of them
+    exist: a report that fails (an unreadable run, a bad argument) leaves nothing behind, and other
+    files already in `out_dir` (earlier rounds' reports under rounds/) are left alone.
+
     `manifest` defaults to the run plan's `manifest_path`. `overrides` replace ReportConfig fields
     (e.g. `sheet_samples=0`). Raises ShardStoreError when `pairs_dir` is not a readable run.
     """
@@ -111,8 +117,23 @@ def build_report(
     if manifest_path is not None:
         meta = pq.read_schema(manifest_path).metadata or {}
         root = meta.get(b"rsm.root", (root or "").encode()).decode() or None
-    out.mkdir(parents=True, exist_ok=True)
+    final, out = out, out.parent / f".{out.name}.staging-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    try:
+        qa = _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, seconds)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    final.mkdir(parents=True, exist_ok=True)
+    for path in sorted(out.iterdir()):
+        os.replace(path, final / path.name)
+    out.rmdir()
+    return qa
 
+
+def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, seconds) -> dict:
+    """The report's files, written into `out` (build_report's staging folder)."""
     # Data checks first: they also say which files are safe to scan together
     t = time.perf_counter()
     checks = run_checks(pairs_dir, manifest_path, cfg.check_hashes, cfg.allow_partial)

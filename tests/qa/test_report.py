@@ -283,3 +283,25 @@ def test_cli_reads_the_injection_modes(mined_run, tmp_path, tiny_clip_dir, capsy
 def mined_run(tiny_run) -> Path:
     """The tiny dataset mined through RSMMiner into a committed, finalized run (tests/conftest.py)."""
     return tiny_run
+
+
+def test_a_failed_report_leaves_nothing_and_a_finished_one_keeps_its_neighbours(
+    tiny_run, tmp_path, monkeypatch
+):
+    import qa.report as report_module
+
+    def broken_injection(*args, **kwargs):
+        raise RuntimeError("injection broke after the plots were drawn")
+
+    monkeypatch.setattr(report_module, "run_injection", broken_injection)
+    out = tmp_path / "qa"
+    with pytest.raises(RuntimeError, match="after the plots"):
+        report_module.build_report(tiny_run, out, sheet_samples=0, inject_noise=0.2)
+    assert not out.exists() and list(tmp_path.iterdir()) == []  # no partial folder, no staging left
+    monkeypatch.undo()
+    (out / "rounds" / "round-0").mkdir(parents=True)
+    (out / "rounds" / "round-0" / "qa.json").write_text("{}")
+    report_module.build_report(tiny_run, out, sheet_samples=0)
+    assert (out / "qa.json").is_file() and (out / "report.html").is_file()
+    assert (out / "rounds" / "round-0" / "qa.json").read_text() == "{}"
+    assert [p.name for p in tmp_path.iterdir()] == ["qa"]
