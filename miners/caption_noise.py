@@ -24,6 +24,7 @@ import polars as pl
 import pyarrow as pa
 
 from miners.captions import COLOUR_WORDS, CaptionSplitter
+from miners.colour_probe import colour_words
 from storage.synth.identities import AttributeWords, attribute_vocabulary
 
 
@@ -145,6 +146,11 @@ def attribute_swap(
     new = words[int(rng.integers(len(words)))]
     if s == 0 and text[:1].isupper():
         new = new[:1].upper() + new[1:]
+    return _replace_word(text, s, e, new)
+
+
+def _replace_word(text: str, s: int, e: int, new: str) -> str:
+    """`text` with [s, e) replaced by `new`, an "a"/"an" right before it made to agree."""
     before = text[:s]
     if article := _ARTICLE.search(before):
         a = "an" if new[:1].lower() in "aeiou" else "a"
@@ -299,19 +305,12 @@ def locate_injected(mined: pl.DataFrame, perturbed: list[Perturbation]) -> dict[
     return found
 
 
-_COLOUR_SYNONYMS = {"gray": "grey"}
-
-
 def colour_swap(text: str, rng: np.random.Generator, colours: Sequence[str] = COLOUR_WORDS) -> str | None:
     """`text` with one of its colour words (whole words, any case) replaced by another colour that
     the text does not mention; None without a colour word. Needs no knowledge of the person: used for
     training negatives (miners.refine_clip), where "almost surely false" is enough; QA's content test
     uses `attribute_swap`, which knows what the person wears."""
-    found = [
-        (m.start(), m.end(), _COLOUR_SYNONYMS.get(m.group(0).lower(), m.group(0).lower()))
-        for m in re.finditer(r"(?<![\w-])[A-Za-z]+(?![\w-])", text)
-        if _COLOUR_SYNONYMS.get(m.group(0).lower(), m.group(0).lower()) in colours
-    ]
+    found = colour_words(text, colours)
     if not found:
         return None
     s, e, _ = found[int(rng.integers(len(found)))]
@@ -322,12 +321,7 @@ def colour_swap(text: str, rng: np.random.Generator, colours: Sequence[str] = CO
     new = choices[int(rng.integers(len(choices)))]
     if text[s : s + 1].isupper():
         new = new.capitalize()
-    before = text[:s]
-    if article := _ARTICLE.search(before):
-        a = "an" if new[:1].lower() in "aeiou" else "a"
-        a = a.capitalize() if article.group(1)[:1].isupper() else a
-        before = before[: article.start()] + a + article.group(2)
-    return before + new + text[e:]
+    return _replace_word(text, s, e, new)
 
 
 def shuffle_caption_units(

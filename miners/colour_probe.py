@@ -27,17 +27,22 @@ _WORD = re.compile(r"(?<![\w-])[A-Za-z]+(?![\w-])")
 _SYNONYMS = {"gray": "grey"}
 
 
-def colour_variants(text: str, colours: Sequence[str] = COLOUR_WORDS) -> list[list[str]]:
-    """Per colour word of `text` (first MAX_COLOUR_WORDS), the texts with it replaced by each other colour."""
+def colour_words(text: str, colours: Sequence[str] = COLOUR_WORDS) -> list[tuple[int, int, str]]:
+    """(start, end, colour) of every whole-word colour term of `text`, any case, synonyms folded."""
     out = []
     for m in _WORD.finditer(text):
         word = _SYNONYMS.get(m.group(0).lower(), m.group(0).lower())
-        if word not in colours:
-            continue
-        out.append([text[: m.start()] + other + text[m.end() :] for other in colours if other != word])
-        if len(out) == MAX_COLOUR_WORDS:
-            break
+        if word in colours:
+            out.append((m.start(), m.end(), word))
     return out
+
+
+def colour_variants(text: str, colours: Sequence[str] = COLOUR_WORDS) -> list[list[str]]:
+    """Per colour word of `text` (first MAX_COLOUR_WORDS), the texts with it replaced by each other colour."""
+    return [
+        [text[:s] + other + text[e:] for other in colours if other != word]
+        for s, e, word in colour_words(text, colours)[:MAX_COLOUR_WORDS]
+    ]
 
 
 def colour_logits(
@@ -57,4 +62,4 @@ def colour_logits(
     return out
 
 
-__all__ = ["COLOUR_TEMPERATURE", "colour_logits", "colour_variants"]
+__all__ = ["COLOUR_TEMPERATURE", "colour_logits", "colour_variants", "colour_words"]

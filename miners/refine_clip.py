@@ -67,14 +67,10 @@ def is_refined(folder: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from miners.run_config import read_run_config
-    from storage.reader import read_pairs
-    from storage.shards import load_run_plan
+    from miners.run_config import read_committed_run
 
     try:
-        plan = load_run_plan(args.pairs)
-        run_config = read_run_config(args.pairs)
-        pairs = read_pairs(args.pairs)
+        plan, run_config, pairs = read_committed_run(args.pairs)
     except Exception as exc:
         print(f"error: cannot read committed pairs from {args.pairs}: {exc}", file=sys.stderr)
         return 2
@@ -126,7 +122,7 @@ def refine(args, rsm, init: Path, manifest_path: Path, pairs, calib_manifest: Pa
     import numpy as np
 
     from miners.bank import build_bank
-    from miners.clip_scorer import ClipScorer, ScorerConfig, load_clip, model_fingerprint
+    from miners.clip_scorer import ClipScorer, ScorerConfig, model_fingerprint
     from miners.training.refine import (
         RegionSentenceObjective,
         build_refine_data,
@@ -148,7 +144,7 @@ def refine(args, rsm, init: Path, manifest_path: Path, pairs, calib_manifest: Pa
     image_paths = dict(zip(table["image_id"].to_pylist(), table["image_path"].to_pylist(), strict=True))
     train_pairs, held_pairs = split_by_image(kept, args.held_out, args.seed)
     cropper = ClipScorer(init, ScorerConfig(crop_mode=rsm.crop_mode, device="cpu"))
-    model, processor = load_clip(init, "cpu")
+    model, processor = cropper.model, cropper.processor  # one load: the scorer's model is the one trained
     train = build_refine_data(
         train_pairs, image_paths, meta["root"], cropper, processor, not args.no_reliability
     )

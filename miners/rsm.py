@@ -303,14 +303,13 @@ class RSMMiner:
             regs = image.regions
             tags = [u.part_tags for u in us]
             m = match_units(emb.text @ emb.regions.T, tags, regs.labels, regs.quality, self.cfg.match)
+            chosen = emb.regions[m.region_index]  # each unit's matched region, S x E
             if self.bank is not None:
-                chosen = emb.regions[m.region_index]
                 parts = [judged_part(t, label) for t, label in zip(tags, m.region_label, strict=True)]
                 m.bank_region_z, m.bank_sentence_z = self.bank.content_features(
                     emb.text, chosen, parts, int(r["person_id"])
                 )
             if emb.colour_variants is not None:
-                chosen = emb.regions[m.region_index]
                 m.colour_logit = colour_logits(
                     m.clip_cosine,
                     [[v @ chosen[k] for v in words] for k, words in enumerate(emb.colour_variants)],

@@ -20,9 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+
 from miners.bank import bank_fingerprint
 from miners.clip_scorer import model_fingerprint
 from miners.rsm import RSMConfig, bank_folder, calibrator_fingerprint
+from storage.plan import RunPlan
+from storage.reader import read_pairs
 from storage.shards import load_run_plan
 
 RUN_CONFIG_VERSION = 1
@@ -71,10 +75,23 @@ def run_config_for(cfg: RSMConfig) -> RunConfig:
     return RunConfig(rsm=cfg, fingerprints=fingerprints)
 
 
+def read_committed_run(run_dir: str | Path) -> tuple[RunPlan, RunConfig, pa.Table]:
+    """(plan, config, every pair) of a finished run, each read and checked through the run manifest
+    (what training and refinement start from)."""
+    return load_run_plan(run_dir), read_run_config(run_dir), read_pairs(run_dir)
+
+
 def read_run_config(run_dir: str | Path) -> RunConfig:
     """The config of the run in `run_dir` (ShardStoreError if it is no run folder)."""
     plan = load_run_plan(run_dir)
     return RunConfig.from_dict(plan.config, where=f"{Path(run_dir) / '_run.json'}")
 
 
-__all__ = ["RUN_CONFIG_VERSION", "RunConfig", "RunConfigError", "read_run_config", "run_config_for"]
+__all__ = [
+    "RUN_CONFIG_VERSION",
+    "RunConfig",
+    "RunConfigError",
+    "read_committed_run",
+    "read_run_config",
+    "run_config_for",
+]

@@ -157,21 +157,11 @@ class RegionSentenceObjective:
         steps = max(1, len(data) // batch_size)
         return [order[b * batch_size : (b + 1) * batch_size] for b in range(steps)]
 
-    def _embed_regions(self, trainer, data: RefineData, rows: np.ndarray) -> torch.Tensor:
-        pix = to_pixel_values(
-            data.crops_u8[torch.from_numpy(rows)].to(trainer.device), trainer.mean, trainer.std
-        )
-        return image_embeddings(trainer.model, pix)
-
-    def _embed_sentences(self, trainer, data: RefineData, idx: np.ndarray) -> torch.Tensor:
-        ids, mask = pad_token_ids([data.pair_tokens[i] for i in idx], trainer.pad_id, trainer.device)
-        return text_embeddings(trainer.model, ids, mask)
-
     def loss(self, trainer, data: RefineData, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
         dev = trainer.device
         regions, region_col = np.unique(data.pair_region[idx], return_inverse=True)
-        reg = self._embed_regions(trainer, data, regions)
-        sent = self._embed_sentences(trainer, data, idx)
+        reg = _regions(trainer.model, trainer, data, regions)
+        sent = _sentences(trainer.model, trainer, data, idx)
         w = torch.from_numpy(data.pair_weight[idx]).to(dev, sent.dtype)
         logits = sent @ reg.T / self.temperature  # B pairs x U regions
         col = torch.from_numpy(region_col).to(dev)
@@ -204,7 +194,7 @@ class RegionSentenceObjective:
             hard = self._hard_for(data, trainer.cfg.seed, trainer.epoch)[idx]
             has = hard >= 0
             if has.any():
-                neg = self._embed_sentences(trainer, data, hard[has])
+                neg = _sentences(trainer.model, trainer, data, hard[has])
                 own_reg = reg[col[torch.from_numpy(has).to(dev)]]
                 pos_cos = (sent[torch.from_numpy(has).to(dev)] * own_reg).sum(1)
                 neg_cos = (neg * own_reg).sum(1)
@@ -217,10 +207,7 @@ class RegionSentenceObjective:
         if self.colour_weight > 0 and data.pair_altered_tokens:
             rows = [k for k, i in enumerate(idx) if data.pair_altered_tokens[i] is not None]
             if rows:
-                ids, mask = pad_token_ids(
-                    [data.pair_altered_tokens[idx[k]] for k in rows], trainer.pad_id, trainer.device
-                )
-                altered = text_embeddings(trainer.model, ids, mask)
+                altered = _tokens(trainer.model, trainer, [data.pair_altered_tokens[idx[k]] for k in rows])
                 at = torch.tensor(rows, device=dev)
                 own_reg = reg[col[at]]
                 gap = ((altered - sent[at]) * own_reg).sum(1) / self.temperature
@@ -252,12 +239,7 @@ def own_vs_other_sentence(model, trainer, data: RefineData, seed: int = 12345, b
     own, other = [], []
     for b in range(0, len(has), batch):
         idx = has[b : b + batch]
-        pix = to_pixel_values(
-            data.crops_u8[torch.from_numpy(data.pair_region[idx])].to(trainer.device),
-            trainer.mean,
-            trainer.std,
-        )
-        r = image_embeddings(model, pix)
+        r = _regions(model, trainer, data, data.pair_region[idx])
         s_own = _sentences(model, trainer, data, idx)
         s_other = _sentences(model, trainer, data, others[idx])
         own.append((s_own * r).sum(1).float().cpu().numpy())
@@ -286,22 +268,27 @@ def _own_beats_altered(model, trainer, data: RefineData, batch: int) -> float | 
     wins = []
     for b in range(0, len(has), batch):
         idx = has[b : b + batch]
-        pix = to_pixel_values(
-            data.crops_u8[torch.from_numpy(data.pair_region[idx])].to(trainer.device),
-            trainer.mean,
-            trainer.std,
-        )
-        r = image_embeddings(model, pix)
-        ids, mask = pad_token_ids([data.pair_altered_tokens[i] for i in idx], trainer.pad_id, trainer.device)
-        altered = text_embeddings(model, ids, mask)
+        r = _regions(model, trainer, data, data.pair_region[idx])
+        altered = _tokens(model, trainer, [data.pair_altered_tokens[i] for i in idx])
         own = _sentences(model, trainer, data, idx)
         wins.append(((own * r).sum(1) > (altered * r).sum(1)).cpu().numpy())
     return float(np.concatenate(wins).mean()) if wins else None
 
 
-def _sentences(model, trainer, data: RefineData, idx: np.ndarray) -> torch.Tensor:
-    ids, mask = pad_token_ids([data.pair_tokens[i] for i in idx], trainer.pad_id, trainer.device)
+def _regions(model, trainer, data: RefineData, rows: np.ndarray) -> torch.Tensor:
+    """Embeddings of crops `rows` of `data` (rows of crops_u8, not pairs)."""
+    pix = to_pixel_values(data.crops_u8[torch.from_numpy(rows)].to(trainer.device), trainer.mean, trainer.std)
+    return image_embeddings(model, pix)
+
+
+def _tokens(model, trainer, token_lists: list[list[int]]) -> torch.Tensor:
+    ids, mask = pad_token_ids(token_lists, trainer.pad_id, trainer.device)
     return text_embeddings(model, ids, mask)
+
+
+def _sentences(model, trainer, data: RefineData, idx: np.ndarray) -> torch.Tensor:
+    """Embeddings of pairs `idx`' own sentences."""
+    return _tokens(model, trainer, [data.pair_tokens[i] for i in idx])
 
 
 def write_json(path: Path, obj: dict) -> None:

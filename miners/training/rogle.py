@@ -27,12 +27,10 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from miners.clip_scorer import load_clip
-from miners.run_config import read_run_config
+from miners.run_config import read_committed_run
 from miners.training.data import build_clip_data
 from miners.training.trainer import TrainConfig, Trainer
 from storage.manifest import read_manifest
-from storage.reader import read_pairs
-from storage.shards import load_run_plan
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -109,9 +107,7 @@ def claim_run_dir(out: Path | None, resume: bool, overwrite: bool) -> tuple[Path
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        plan = load_run_plan(args.pairs)
-        run_config = read_run_config(args.pairs)
-        pairs = read_pairs(args.pairs)
+        plan, run_config, pairs = read_committed_run(args.pairs)
     except Exception as exc:
         print(f"error: cannot read committed pairs from {args.pairs}: {exc}")
         return 2
