@@ -10,7 +10,7 @@ export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test lint bench reliability clean-demo deploy-demo
+.PHONY: setup demo test lint bench reliability clean-demo deploy-demo browser
 
 setup: $(STAMP)
 
@@ -27,7 +27,16 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports --no-cache
 
-test: setup lint
+# The audit page's browser tests drive Debian's chromium; install it when this machine can (root + apt-get),
+# else say how (the tests then fail, never skip: RSM_SKIP_BROWSER_TESTS=1 skips them out loud).
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium for the browser tests (apt-get)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	  else echo "note: chromium is missing; the browser tests need it: sudo apt-get install -y chromium"; fi; }
+
+test: setup lint browser
 	$(VENV)/bin/pytest -q
 
 demo: setup

@@ -6,7 +6,9 @@ benchmark used only to fit the reliability calibrators), `models/tiny-clip/` (bo
 reference bank `rsm-bank.*` and `rsm-calibrator.json`), `shards-rounds/` (round 0 mined with it, and
 `round-1/clip`, the CLIP refined on round 0's kept pairs), `shards/` (the last round, through the
 `mine-rsm` flow with `--rounds 1`), `qa/` (noise report, `rounds.png` comparing the rounds) and
-`train/` (a short ROGLE training on the last round). Every step skips work already done, so a second run is quick.
+`audit.sqlite` + `audit/` (300 pairs of the last round labelled by a simulated annotator from the ground
+truth: noise rate with its 95% interval, a refit calibrator) and `train/` (a short ROGLE training on the
+last round). Every step skips work already done, so a second run is quick.
 
     python -m flows.demo [--out outputs/demo] [--identities 480] [--images-per-id 4]
 """
@@ -80,6 +82,31 @@ def _calibrate(calib_manifest: Path, clip_dir: Path) -> None:
     rc = calibrate_main(["--manifest", str(calib_manifest), "--clip-model", str(clip_dir), "--split", ""])
     if rc != 0:
         raise SystemExit("calibration failed")
+
+
+def _audit(shards: Path, manifest: Path, out: Path) -> dict:
+    """The audit loop with the simulated annotator: 300 pairs sampled, labelled from the ground truth, noise
+    rate with its interval and a refit calibrator in OUT/audit/ (what a researcher does by hand with
+    `qa.audit serve` on a dataset without ground truth)."""
+    from qa.audit.fit import fit_audit, read_audit
+    from qa.audit.oracle import label_with_oracle
+    from qa.audit.sample import sample_pairs
+    from storage.shards import load_run_plan
+
+    db, audit_dir = out / "audit.sqlite", out / "audit"
+    run_id = load_run_plan(shards).run_id
+    try:
+        audit = read_audit(audit_dir)
+        if audit.get("run_id") == run_id:
+            print(f"  reusing {audit_dir}")
+            return audit
+    except FileNotFoundError:
+        pass
+    for stale in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")):
+        stale.unlink(missing_ok=True)  # made from an earlier run (or half made): sample again
+    sample_pairs(shards, db, n=300, n_strata=5, seed=0)
+    label_with_oracle(db, manifest, seed=0)
+    return fit_audit(db, shards, audit_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("mining failed; rerun `make demo` to resume the unfinished shards")
     done("mine")
 
+    step("audit")
+    audit = _audit(shards, manifest, out)
+    done("audit")
+
     step("train")
     from miners.train_rogle import main as train_main
 
@@ -204,6 +235,16 @@ def main(argv: list[str] | None = None) -> int:
             f"ECE {r['ece']:.3f}, AUROC of reliability vs injected units "
             + ", ".join(f"{k[6:]} {v:.3f}" for k, v in r.items() if k.startswith("auroc_") and v is not None)
         )
+    kept = audit["noise_rate_kept"]
+    print(
+        f"audit (300 oracle labels) noise of kept pairs {kept['estimate']:.3f}, 95% CI "
+        f"{kept['ci_low']:.3f}–{kept['ci_high']:.3f}; ECE {audit['ece_before']:.3f} → {audit['ece_after']:.3f} "
+        f"refit ({out}/audit/)"
+    )
+    print(
+        f"label pairs yourself      python -m qa.audit sample --pairs {shards} --db {out}/my-audit.sqlite "
+        f"&& python -m qa.audit serve --db {out}/my-audit.sqlite"
+    )
     print(
         f"ROGLE (short training)    R1 {train['R1']:.1f}%  mAP {train['mAP']:.1f}%  "
         f"long-query R1 {train['long_query'].get('R1', float('nan')):.1f}%  "
@@ -211,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"outputs                   {out}/{{manifest.parquet,models/,shards-rounds/,shards/,qa/report.html,"
-        "qa/rounds.png,train/}"
+        "qa/rounds.png,audit/,train/}"
     )
     print(f"step seconds              {json.dumps(timings)}")
     return 0

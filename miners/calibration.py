@@ -207,20 +207,25 @@ def fit_calibrator(
     iters: int = 50,
     content: bool | None = None,
     colour: bool | None = None,
+    sample_weight: np.ndarray | None = None,
+    features: tuple[str, ...] | None = None,
 ) -> Calibrator:
     """Logistic regression of `correct` on the mode's features (Newton's method, L2 on weights);
-    `content` adds the bank features (default: when the matches carry them)."""
+    `content` adds the bank features (default: when the matches carry them). `sample_weight` weighs
+    each pair (an audit sample's 1/π); `features` replaces the mode's list (refit a given calibrator)."""
     if content is None:
         content = matches.bank_region_z is not None
     if colour is None:
         colour = matches.colour_logit is not None
-    names = features_for(mode, content, colour)
+    names = features if features is not None else features_for(mode, content, colour)
     x_raw = feature_matrix(matches, names)
     y = np.asarray(correct, dtype=np.float64)
     if y.size == 0 or y.min() == y.max():
         raise ValueError("need both correct and incorrect labelled pairs to fit a calibrator")
-    mean = x_raw.mean(0)
-    std = x_raw.std(0)
+    sw = np.ones(len(y)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
+    sw = sw * (len(y) / sw.sum())  # mean 1: the penalty means the same whatever the weights' scale
+    mean = np.average(x_raw, axis=0, weights=sw)
+    std = np.sqrt(np.average((x_raw - mean) ** 2, axis=0, weights=sw))
     std[std < 1e-8] = 1.0
     x = np.hstack([(x_raw - mean) / std, np.ones((len(y), 1))])
     w = np.zeros(x.shape[1])
@@ -228,8 +233,8 @@ def fit_calibrator(
     penalty[-1] = 0.0  # the intercept is not shrunk
     for _ in range(iters):
         p = 1.0 / (1.0 + np.exp(-(x @ w)))
-        grad = x.T @ (p - y) / len(y) + penalty * w
-        hess = (x * (p * (1 - p))[:, None]).T @ x / len(y) + np.diag(penalty + 1e-9)
+        grad = x.T @ (sw * (p - y)) / len(y) + penalty * w
+        hess = (x * (sw * p * (1 - p))[:, None]).T @ x / len(y) + np.diag(penalty + 1e-9)
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-8:
@@ -246,7 +251,8 @@ def fit_calibrator(
             "positive_rate": float(y.mean()),
             "mode": mode,
             "l2": l2,
-            "content": bool(content),
-            "colour": bool(colour),
+            "content": any(n in CONTENT_FEATURES for f in names for n in f.split("*")),
+            "colour": any(n in COLOUR_FEATURES for f in names for n in f.split("*")),
+            "weighted": sample_weight is not None,
         },
     )

@@ -50,11 +50,12 @@ def retrieval_metrics(
 
 
 def expected_calibration_error(
-    probs: np.ndarray, labels: np.ndarray, n_bins: int = 15
+    probs: np.ndarray, labels: np.ndarray, n_bins: int = 15, weights: np.ndarray | None = None
 ) -> tuple[float, list[dict[str, float]]]:
     """ECE with equal-width bins on [0, 1], and the per-bin table for a reliability diagram.
 
-    probs: N predicted probabilities of being correct; labels: N booleans (correct or not).
+    probs: N predicted probabilities of being correct; labels: N booleans (correct or not); weights:
+    optional N sample weights (an audit sample's 1/π), which weigh bin shares, means and accuracies.
     Returns (ece, bins) where each bin has lo, hi, count, mean_prob, accuracy.
     """
     p = np.asarray(probs, dtype=np.float64).reshape(-1)
@@ -63,6 +64,9 @@ def expected_calibration_error(
         raise ValueError(f"{p.size} probabilities vs {y.size} labels")
     if p.size == 0:
         return float("nan"), []
+    w = np.ones_like(p) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.size != p.size:
+        raise ValueError(f"{w.size} weights vs {p.size} probabilities")
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     idx = np.clip(np.digitize(p, edges[1:-1], right=True), 0, n_bins - 1)
     ece = 0.0
@@ -75,9 +79,9 @@ def expected_calibration_error(
                 {"lo": edges[b], "hi": edges[b + 1], "count": 0, "mean_prob": np.nan, "accuracy": np.nan}
             )
             continue
-        mean_p = float(p[in_bin].mean())
-        acc = float(y[in_bin].mean())
-        ece += count / p.size * abs(mean_p - acc)
+        mean_p = float(np.average(p[in_bin], weights=w[in_bin]))
+        acc = float(np.average(y[in_bin], weights=w[in_bin]))
+        ece += w[in_bin].sum() / w.sum() * abs(mean_p - acc)
         bins.append(
             {"lo": edges[b], "hi": edges[b + 1], "count": count, "mean_prob": mean_p, "accuracy": acc}
         )

@@ -40,3 +40,4 @@ class ReportConfig:
     inject_max_samples: int = 512  # captions re-mined for the injection
     inject_modes: tuple[str, ...] = ("any",)  # INJECT_MODES; the first fills qa.json "injection" itself
     ece_bins: int = 10
+    audit: str | None = None  # a `qa.audit fit --out` folder: its figures go into the report

@@ -101,10 +101,7 @@ def plot_precision_coverage(curve: list[dict], path: Path, keep_threshold: float
     return _save(fig, path)
 
 
-def plot_reliability_diagram(bins: list[dict], ece: float | None, path: Path) -> Path:
-    """Accuracy vs mean reliability per bin (bar width = bin), with the diagonal and counts."""
-    fig = Figure(figsize=(5, 4.6))
-    ax = fig.add_subplot(1, 1, 1)
+def _reliability_bars(ax, bins: list[dict], title: str) -> None:
     for b in bins:
         if b["count"]:
             ax.bar(
@@ -129,7 +126,30 @@ def plot_reliability_diagram(bins: list[dict], ece: float | None, path: Path) ->
     ax.set_ylim(0, 1)
     ax.set_xlabel("reliability (predicted P(correct))")
     ax.set_ylabel("fraction correct")
-    ax.set_title("reliability diagram" + (f" — ECE {ece:.3f}" if ece is not None else ""))
+    ax.set_title(title)
+
+
+def _ece_title(name: str, ece: float | None) -> str:
+    return name + (f" — ECE {ece:.3f}" if ece is not None else "")
+
+
+def plot_reliability_diagram(bins: list[dict], ece: float | None, path: Path) -> Path:
+    """Accuracy vs mean reliability per bin (bar width = bin), with the diagonal and counts."""
+    fig = Figure(figsize=(5, 4.6))
+    _reliability_bars(fig.add_subplot(1, 1, 1), bins, _ece_title("reliability diagram", ece))
+    return _save(fig, path)
+
+
+def plot_reliability_before_after(
+    before: tuple[list[dict], float | None], after: tuple[list[dict], float | None], path: Path, note: str
+) -> Path:
+    """Two reliability diagrams side by side: the run's reliability and the refit one (`note` under them,
+    e.g. how the pairs were weighted and validated)."""
+    fig = Figure(figsize=(9.5, 4.8))
+    for k, ((bins, ece), name) in enumerate(((before, "mined reliability"), (after, "refit on the audit"))):
+        _reliability_bars(fig.add_subplot(1, 2, k + 1), bins, _ece_title(name, ece))
+    fig.text(0.5, 0.01, note, ha="center", fontsize=7)
+    fig.subplots_adjust(bottom=0.16)
     return _save(fig, path)
 
 

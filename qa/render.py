@@ -80,6 +80,8 @@ def _summary_blocks(qa: dict) -> list[Block]:
                 f"{mix['n_iter']} EM iterations, converged {fmt(mix['converged'])}.",
             )
         )
+    if qa.get("audit"):
+        blocks += _audit_blocks(qa)
     if not qa.get("ground_truth"):
         blocks.append(("p", "No ground truth (gt_links) in the manifest: only label-free estimates."))
     details = qa.get("check_details", {})
@@ -104,6 +106,45 @@ def _summary_blocks(qa: dict) -> list[Block]:
         if len(modes) > 1 or any(not b.get("available", True) for b in modes.values()):
             blocks += _mode_blocks(modes)
     return blocks
+
+
+def _interval(fig: dict | None) -> str:
+    if not fig:
+        return "n/a"
+    est = fmt(fig.get("estimate")) if fig.get("estimate") is not None else "unknown"
+    return f"{est} [{fmt(fig.get('ci_low'))}, {fmt(fig.get('ci_high'))}] ({fig.get('n_labels', 0)} labels)"
+
+
+def _audit_blocks(qa: dict) -> list[Block]:
+    """The audited noise rates (95% interval) beside the label-free and, where known, the true ones."""
+    audit = qa["audit"]
+    rows = [
+        [
+            "noise of kept pairs",
+            _interval(audit.get("noise_rate_kept")),
+            fmt(qa.get("noise_rate_estimated")),
+            fmt(qa.get("noise_rate_mixture")),
+            fmt(qa.get("noise_rate_true")),
+        ],
+        ["noise of all pairs", _interval(audit.get("noise_rate_all")), "", "", ""],
+        [
+            "ECE (audited pairs)",
+            f"{fmt(audit.get('ece_before'))} → {fmt(audit.get('ece_after'))} refit",
+            "",
+            "",
+            "",
+        ],
+    ]
+    return [
+        ("h", 2, "Audit: a labelled sample"),
+        (
+            "p",
+            f"{audit.get('n_items_labelled')} of {audit.get('n_items')} sampled pairs labelled (`{audit.get('dir')}`); "
+            "stratified estimate with its 95% interval; refit calibrator "
+            f"`{audit.get('calibrator')}`.",
+        ),
+        ("table", ["figure", "audit [95% CI]", "1 − reliability", "mixture", "true"], rows),
+    ]
 
 
 MODE_DESCRIPTIONS = {

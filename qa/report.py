@@ -12,7 +12,10 @@ from the run) and reports how far the label-free estimates move (qa.json "inject
 
     python -m qa.report --pairs SHARDS --out DIR [--manifest M] [--sheet-samples 24] [--seed S]
         [--inject-noise FRACTION --clip-model DIR [--inject-modes any,same-part,attribute|all]]
-        [--mixture-score clip_cosine] [--mixture-kind gaussian]
+        [--mixture-score clip_cosine] [--mixture-kind gaussian] [--audit DIR]
+
+`--audit DIR` (a `python -m qa.audit fit --out DIR` folder of the same run) puts the audited noise rates
+with their 95% intervals and the audit's reliability diagram beside the label-free figures.
 
 Exit status: 0 report written and every check passed; 1 report written but a check failed; 2 the
 input is not a readable run (message names the file). `build_report` and `summary_markdown` are the
@@ -39,6 +42,7 @@ import pyarrow.parquet as pq
 
 from miners.run_config import RunConfig, RunConfigError, read_run_config
 from qa import plots, sheets
+from qa.audit.fit import read_audit
 from qa.checks import run_checks, scan_shards
 from qa.config import ReportConfig, check_inject_modes, parse_inject_modes
 from qa.inject import injection_rsm_config, run_injection
@@ -198,6 +202,12 @@ def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, s
     )
     seconds["plots"] = time.perf_counter() - t
 
+    audit = None
+    if cfg.audit is not None:
+        audit = audit_figures(cfg.audit, checks.run_manifest["run_id"])
+        shutil.copyfile(Path(cfg.audit) / audit["reliability_png"], out / "audit_reliability.png")
+        figures["audit_reliability"] = "audit_reliability.png"
+
     # Estimator check
     injection = None
     if cfg.inject_noise is not None:
@@ -235,6 +245,7 @@ def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, s
         "figures": figures,
         "sheets": sheet_files,
         "injection": injection,
+        "audit": audit,
         "config": dataclasses.asdict(cfg),
     }
     qa["verdict"] = verdict(qa, provenance)
@@ -245,6 +256,22 @@ def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, s
     (out / "report.md").write_text(render_markdown(qa))
     (out / "report.html").write_text(render_html(qa, out))
     return qa
+
+
+def audit_figures(audit_dir: str | Path, run_id: str) -> dict:
+    """The figures of a `qa.audit fit` folder for the report; ValueError when it audits another run."""
+    audit = read_audit(audit_dir)
+    if audit.get("run_id") != run_id:
+        raise ValueError(
+            f"{Path(audit_dir) / 'audit.json'} audits run {audit.get('run_id')}, but this report is of run {run_id}"
+        )
+    keys = ("noise_rate_kept", "noise_rate_all", "ece_before", "ece_after", "n_items", "n_items_labelled")
+    return {
+        "dir": str(Path(audit_dir).resolve()),
+        **{k: audit.get(k) for k in keys},
+        "calibrator": (audit.get("calibrator") or {}).get("path"),
+        "reliability_png": audit.get("reliability_png", "reliability.png"),
+    }
 
 
 def _modes_arg(text: str) -> tuple[str, ...]:
@@ -277,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--mixture-score", default=ReportConfig.mixture_score)
     p.add_argument("--mixture-kind", choices=("gaussian", "beta"), default=ReportConfig.mixture_kind)
+    p.add_argument("--audit", default=None, metavar="DIR", help="a `qa.audit fit --out` folder of this run")
     p.add_argument("--no-hashes", action="store_true", help="check file sizes only, not sha256")
     p.add_argument("--no-ground-truth", action="store_true")
     p.add_argument(
@@ -295,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         clip_model=args.clip_model,
         inject_max_samples=args.inject_max_samples,
         inject_modes=args.inject_modes,
+        audit=args.audit,
     )
     try:
         qa = build_report(args.pairs, args.out, args.manifest, cfg)

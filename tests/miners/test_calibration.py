@@ -90,3 +90,29 @@ def test_the_fit_learns_from_known_wrong_text_units(tiny_dataset, tiny_clip_dir)
     assert info["text_noise"]["made"] == made and info["text_noise"]["fraction"] == 0.3
     _, plain = fit_on_manifest(tiny_dataset / "manifest.parquet", cfg, None, None, text_noise=0.0)
     assert report["pairs"] == plain["pairs"]  # the report judges the clean pairs only
+
+
+def test_sample_weights_act_like_repeated_pairs():
+    """An integer weight k on a pair fits the same calibrator as the pair written k times (1/π weights of an
+    audit sample rest on this)."""
+    import dataclasses
+
+    rng = np.random.default_rng(4)
+    m = _matches(600, rng)
+    y = _labels(m, rng)
+    k = rng.integers(1, 4, len(y))
+    idx = np.repeat(np.arange(len(y)), k)
+    fields = {
+        f.name: (
+            None
+            if (v := getattr(m, f.name)) is None
+            else [v[i] for i in idx]
+            if isinstance(v, list)
+            else v[idx]
+        )
+        for f in dataclasses.fields(m)
+    }
+    repeated = fit_calibrator(UnitMatches(**fields), y[idx])
+    weighted = fit_calibrator(m, y, sample_weight=k.astype(float))
+    assert np.allclose(weighted.predict(m), repeated.predict(m), atol=1e-6)
+    assert not np.allclose(fit_calibrator(m, y).predict(m), weighted.predict(m), atol=1e-3)

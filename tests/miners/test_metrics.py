@@ -60,3 +60,17 @@ def test_auroc_cases():
     assert auroc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
     # one positive above one of two negatives: 1/2
     assert auroc(np.array([0.3, 0.5, 0.7]), np.array([0, 1, 0])) == pytest.approx(0.5)
+
+
+def test_weighted_ece_equals_ece_of_repeated_rows():
+    rng = np.random.default_rng(2)
+    p = rng.random(300)
+    y = rng.random(300) < p**2
+    k = rng.integers(1, 5, 300)
+    ece_w, bins_w = expected_calibration_error(p, y, 10, weights=k.astype(float))
+    ece_r, bins_r = expected_calibration_error(np.repeat(p, k), np.repeat(y, k), 10)
+    assert ece_w == pytest.approx(ece_r)
+    assert [b["accuracy"] for b in bins_w if b["count"]] == pytest.approx(
+        [b["accuracy"] for b in bins_r if b["count"]]
+    )
+    assert ece_w != pytest.approx(expected_calibration_error(p, y, 10)[0])
