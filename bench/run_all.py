@@ -4,7 +4,10 @@
 2. `bench/rsm_quality.py` — pseudo-label precision / coverage / ECE on a held-out synthetic seed;
 3. `bench/content_reliability.py` — the QA content test per refine round, on the demo and a held-out seed;
 4. `bench/train_ablation.py` — ROGLE global vs global+local vs unweighted, clean and with injected noise;
-5. `bench/qa_scale.py` — the QA report on 1M generated pairs.
+5. `bench/qa_scale.py` — the QA report on 1M generated pairs;
+6. `bench/audit.py` — the audit loop on the demo run: interval coverage over 100 seeded 300-label audits,
+   interval width, held-out ECE of the refit calibrator;
+7. `bench/audit_ui.py` — the labelling page in headless Chromium: key press → next pair rendered (ms).
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ STEPS = [
     [sys.executable, str(BENCH / "content_reliability.py"), "--demo", str(DEMO)],
     [sys.executable, str(BENCH / "train_ablation.py"), "--pairs", str(DEMO / "shards")],
     [sys.executable, str(BENCH / "qa_scale.py")],
+    [sys.executable, str(BENCH / "audit.py"), "--pairs", str(DEMO / "shards")],
+    [sys.executable, str(BENCH / "audit_ui.py"), "--pairs", str(DEMO / "shards"), "--db", str(DEMO / "bench-ui.sqlite")],
 ]
 
 

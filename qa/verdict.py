@@ -2,7 +2,8 @@
 
 Consumes the qa.json figures and the run's calibrator (its JSON: what it was fitted on); produces
 {"trust": the qa.json key to read, "why": one paragraph, "calibrator": its provenance}. The order:
-ground truth when the manifest has it (a measurement); else mean(1 − reliability) when the calibrator
+ground truth when the manifest has it (a measurement); else an audit of a labelled sample (`qa.report
+--audit`: a measurement on a sample, with its 95% interval); else mean(1 − reliability) when the calibrator
 was fitted on labels (a model, valid for data like what it was fitted on); else nothing label-free is
 trustworthy: the reliability is the uncalibrated prior, and the two-component mixture is shown only as
 a hint (on the demo it reads 0.6–0.9 against a true 0.07–0.09: correctness is not what splits the
@@ -59,6 +60,16 @@ def verdict(qa: dict[str, Any], calibrator: dict[str, Any] | None) -> dict[str, 
                 else f"off by {gap:.3f}: on data without labels, do not read it as the noise rate."
             )
         return {"trust": "noise_rate_true", "why": why, "calibrator": calibrator}
+    audit = qa.get("audit") or {}
+    kept = audit.get("noise_rate_kept") or {}
+    if kept.get("estimate") is not None:
+        why = (
+            f"No ground truth; trust the audit: {kept['n_labels']} labelled pairs put the noise of kept pairs at "
+            f"{kept['estimate']:.3f} (95% interval {kept['ci_low']:.3f}–{kept['ci_high']:.3f}). The label-free "
+            f"mean(1 − reliability) reads {_fmt(qa.get('noise_rate_estimated'))}; the audit's refit calibrator "
+            f"({audit.get('calibrator')}) makes it calibrated for this data when the run is mined again with it."
+        )
+        return {"trust": "audit.noise_rate_kept", "why": why, "calibrator": calibrator}
     if calibrator and calibrator["calibrated"]:
         why = (
             f"No ground truth. Read mean(1 − reliability) ({qa.get('noise_rate_estimated')}): the calibrator "
@@ -74,6 +85,10 @@ def verdict(qa: dict[str, Any], calibrator: dict[str, Any] | None) -> dict[str, 
         "labelled data (python -m miners.training.fit_calibrator)."
     )
     return {"trust": None, "why": why, "calibrator": calibrator}
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
 
 
 __all__ = ["calibrator_provenance", "verdict"]

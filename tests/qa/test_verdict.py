@@ -35,6 +35,20 @@ def test_without_ground_truth_a_calibrated_reliability_is_trusted_with_its_prove
     assert v["trust"] == "noise_rate_estimated" and "480 captions of calib/manifest.parquet" in v["why"]
 
 
+def test_without_ground_truth_an_audit_is_trusted_before_any_label_free_figure(tmp_path):
+    audit = {
+        "noise_rate_kept": {"estimate": 0.081, "ci_low": 0.05, "ci_high": 0.129, "n_labels": 185},
+        "calibrator": "audit/rsm-calibrator.json",
+    }
+    for cal in (_calibrator(tmp_path, True), None):
+        v = verdict({"ground_truth": False, "noise_rate_estimated": 0.19, "audit": audit}, cal)
+        assert v["trust"] == "audit.noise_rate_kept"
+        assert "185 labelled pairs" in v["why"] and "0.050–0.129" in v["why"]
+    # ground truth still comes first
+    gt = {"ground_truth": True, "noise_rate_true": 0.07, "noise_rate_estimated": 0.19, "audit": audit}
+    assert verdict(gt, None)["trust"] == "noise_rate_true"
+
+
 def test_the_default_prior_and_the_mixture_are_not_noise_rates(tmp_path):
     for cal in (_calibrator(tmp_path, False), None):
         v = verdict({"ground_truth": False, "noise_rate_estimated": 0.1, "noise_rate_mixture": 0.9}, cal)
