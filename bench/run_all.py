@@ -33,7 +33,20 @@ STEPS = [
     [sys.executable, str(BENCH / "train_ablation.py"), "--pairs", str(DEMO / "shards")],
     [sys.executable, str(BENCH / "qa_scale.py")],
     [sys.executable, str(BENCH / "audit.py"), "--pairs", str(DEMO / "shards")],
-    [sys.executable, str(BENCH / "audit_ui.py"), "--pairs", str(DEMO / "shards"), "--db", str(DEMO / "bench-ui.sqlite")],
+    [
+        sys.executable,
+        str(BENCH / "audit_ui.py"),
+        "--pairs",
+        str(DEMO / "shards"),
+        "--db",
+        str(DEMO / "bench-ui.sqlite"),
+        "--sample-n",
+        "300",
+        "--screenshot",
+        "docs/audit-page.png",
+        "--results",
+        "bench/RESULTS.md",
+    ],
 ]
 
 

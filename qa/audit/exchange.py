@@ -21,10 +21,9 @@ import io
 import json
 from pathlib import Path
 
-from PIL import Image
-
 from qa.audit.db import VERDICTS, AuditDB, AuditError, Item, UnknownItemError
 from qa.audit.estimate import combine_annotators
+from qa.audit.sample import image_size
 
 FORMATS = ("jsonl", "csv", "label-studio")
 LS_IMAGE_PREFIX = "/data/local-files/?d="  # Label Studio's local-files route (LOCAL_FILES_DOCUMENT_ROOT)
@@ -90,13 +89,10 @@ def _row(item: Item, verdicts: dict[str, str]) -> dict:
 def _size(root: str, item: Item) -> tuple[int, int]:
     if item.image_width and item.image_height:
         return item.image_width, item.image_height
-    from miners.images import ImageLoadError, contained_path
-
-    try:
-        with Image.open(contained_path(root, item.image_path)) as im:
-            return im.size
-    except (ImageLoadError, OSError, ValueError) as exc:
-        raise AuditError(f"cannot read the size of {item.image_path} for the rectangle ({exc})") from exc
+    width, height = image_size(root, item.image_path)
+    if width is None or height is None:
+        raise AuditError(f"cannot read the size of {item.image_path} under {root} for the rectangle")
+    return width, height
 
 
 def _task(item: Item, verdicts: dict[str, str], run_id: str, root: str, prefix: str) -> dict:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
+from PIL import ExifTags, Image
 
 from miners.run_config import read_run_config
 from qa.audit.db import AuditDB, AuditError, utc_now
@@ -123,14 +123,19 @@ def allocate(n: int, available: dict[int, int], population: dict[int, int]) -> d
     return out
 
 
-def _image_size(root: Path | None, image_path: str) -> tuple[int | None, int | None]:
+def image_size(root: str | Path | None, image_path: str) -> tuple[int | None, int | None]:
+    """(width, height) after EXIF transpose, the frame boxes are in; (None, None) when unreadable."""
     if root is None:
         return None, None
     from miners.images import ImageLoadError, contained_path
 
     try:
         with Image.open(contained_path(root, image_path)) as im:
-            return im.size
+            width, height = im.size
+            # Boxes are in pixels after EXIF transpose: orientations 5-8 turn the image a quarter
+            if im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8):
+                width, height = height, width
+            return width, height
     except (ImageLoadError, OSError, ValueError):
         return None, None
 
@@ -192,7 +197,7 @@ def sample_pairs(
         rows = []
         for j, i in enumerate(by_row):
             sid = cols["sample_id"][j]
-            width, height = _image_size(src.image_root, cols["image_id"][j])
+            width, height = image_size(src.image_root, cols["image_id"][j])
             rows.append(
                 (
                     sid,

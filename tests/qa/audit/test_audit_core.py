@@ -261,13 +261,8 @@ def test_a_file_that_is_no_audit_database_is_refused(tmp_path):
 
 
 def test_manifest_captions_are_shown_with_their_sentence_span(audit_db, tiny_dataset):
-    captions = dict(
-        zip(
-            *pq.read_table(tiny_dataset / "manifest.parquet", columns=["sample_id", "caption"])
-            .to_pydict()
-            .values()
-        )
-    )
+    table = pq.read_table(tiny_dataset / "manifest.parquet", columns=["sample_id", "caption"])
+    captions = dict(zip(table["sample_id"].to_pylist(), table["caption"].to_pylist(), strict=True))
     with AuditDB(audit_db) as db:
         for it in db.items():
             assert it.caption == captions[it.sample_id]
