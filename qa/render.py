@@ -53,6 +53,21 @@ def fmt(value: Any) -> str:
     return str(value)
 
 
+MIXTURE_MARKS = {
+    "consistent": " (checked: consistent)",
+    "inconsistent": " — UNRELIABLE here",
+    "unverified": " — unverified hint",
+}
+
+
+def _label(qa: dict, key: str, label: str) -> str:
+    """The headline label; the mixture's says whether a measurement backs it (qa.verdict.mixture_check)."""
+    if key != "noise_rate_mixture":
+        return label
+    check = qa.get("mixture_check") or {}
+    return label + MIXTURE_MARKS.get(check.get("status"), "")
+
+
 def _summary_blocks(qa: dict) -> list[Block]:
     run = qa.get("run", {})
     blocks: list[Block] = [
@@ -68,7 +83,11 @@ def _summary_blocks(qa: dict) -> list[Block]:
             else []
         ),
         ("h", 2, "Noise"),
-        ("table", ["figure", "value"], [[label, fmt(qa.get(key))] for key, label in HEADLINE if key in qa]),
+        (
+            "table",
+            ["figure", "value"],
+            [[_label(qa, key, label), fmt(qa.get(key))] for key, label in HEADLINE if key in qa],
+        ),
     ]
     mix = qa.get("mixture")
     if mix:
@@ -77,7 +96,8 @@ def _summary_blocks(qa: dict) -> list[Block]:
                 "p",
                 f"Mixture: {mix['kind']} on `{mix['score']}`, noisy component weight {fmt(mix['weights'][0])} "
                 f"(mean {fmt(mix['means'][0])}) vs clean {fmt(mix['weights'][1])} (mean {fmt(mix['means'][1])}); "
-                f"{mix['n_iter']} EM iterations, converged {fmt(mix['converged'])}.",
+                f"{mix['n_iter']} EM iterations, converged {fmt(mix['converged'])}. "
+                f"Is its noise figure backed by a measurement? {(qa.get('mixture_check') or {}).get('why', 'n/a')}.",
             )
         )
     if qa.get("audit"):

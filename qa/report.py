@@ -50,7 +50,7 @@ from qa.mixture import MIXTURE_KINDS, posterior_noisy
 from qa.noise import BREAKDOWN_KEYS, column_range, fit_mixture_lazy, label_free_figures, score_histogram
 from qa.render import render_html, render_markdown, summary_markdown
 from qa.truth import add_true_breakdowns, judge_run, load_ground_truth, truth_figures
-from qa.verdict import calibrator_provenance, verdict
+from qa.verdict import calibrator_provenance, mixture_check, verdict
 from storage.schemas import PAIRS_SCHEMA
 from storage.shards import ShardStoreError, load_run_plan
 
@@ -249,6 +249,7 @@ def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, s
         "config": dataclasses.asdict(cfg),
     }
     qa["verdict"] = verdict(qa, provenance)
+    qa["mixture_check"] = mixture_check(qa)
     seconds["total"] = time.perf_counter() - t0
     qa["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     qa = _json_safe(qa)

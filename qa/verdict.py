@@ -87,8 +87,46 @@ def verdict(qa: dict[str, Any], calibrator: dict[str, Any] | None) -> dict[str, 
     return {"trust": None, "why": why, "calibrator": calibrator}
 
 
+MIXTURE_TOLERANCE = 0.05  # |mixture − true| allowed to call the mixture consistent with ground truth
+
+
+def mixture_check(qa: dict[str, Any]) -> dict[str, Any]:
+    """Whether the two-component mixture's noise figure may be read, checked against a measurement.
+
+    No property of the fit itself can say so: the mixture splits the score distribution into two modes,
+    and nothing makes those modes "right" and "wrong" (the demo's fit is well separated — Ashman's D 2.4 —
+    yet reads 0.62 against a true 0.07). So the test is external: `consistent` when it is within
+    MIXTURE_TOLERANCE of the true noise, or inside an audit's 95% interval; `inconsistent` when not;
+    `unverified` when there is nothing to check it against (the report then marks it a hint)."""
+    mix = qa.get("noise_rate_mixture")
+    kept = (qa.get("audit") or {}).get("noise_rate_kept") or {}
+    if mix is None:
+        return {"status": "unavailable", "why": "no mixture was fitted"}
+    if qa.get("noise_rate_true") is not None:
+        gap = abs(mix - qa["noise_rate_true"])
+        ok = gap <= MIXTURE_TOLERANCE
+        return {
+            "status": "consistent" if ok else "inconsistent",
+            "against": "noise_rate_true",
+            "why": f"mixture {mix:.3f} vs true {qa['noise_rate_true']:.3f} (off by {gap:.3f}; "
+            f"tolerance {MIXTURE_TOLERANCE})",
+        }
+    if kept.get("ci_low") is not None:
+        ok = kept["ci_low"] <= mix <= kept["ci_high"]
+        return {
+            "status": "consistent" if ok else "inconsistent",
+            "against": "audit.noise_rate_kept",
+            "why": f"mixture {mix:.3f} {'inside' if ok else 'outside'} the audit's 95% interval "
+            f"{kept['ci_low']:.3f}–{kept['ci_high']:.3f}",
+        }
+    return {
+        "status": "unverified",
+        "why": "no ground truth and no audit to check it against: a hint, not a noise rate",
+    }
+
+
 def _fmt(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
 
-__all__ = ["calibrator_provenance", "verdict"]
+__all__ = ["calibrator_provenance", "mixture_check", "verdict"]

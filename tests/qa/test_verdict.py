@@ -63,3 +63,21 @@ def test_the_verdict_heads_the_report(tiny_run, tmp_path):
     assert qa["verdict"]["trust"] == "noise_rate_true"  # the tiny dataset has ground truth
     md = render_markdown(qa)
     assert md.index("Verdict: which figure to trust") < md.index("## Noise")
+
+
+def test_the_mixture_is_read_only_when_a_measurement_backs_it():
+    from qa.render import render_markdown
+    from qa.verdict import mixture_check
+
+    far = {"noise_rate_mixture": 0.62, "noise_rate_true": 0.07}
+    assert mixture_check(far)["status"] == "inconsistent" and "off by 0.550" in mixture_check(far)["why"]
+    assert mixture_check({"noise_rate_mixture": 0.09, "noise_rate_true": 0.07})["status"] == "consistent"
+    audit = {"noise_rate_kept": {"estimate": 0.08, "ci_low": 0.05, "ci_high": 0.13, "n_labels": 185}}
+    assert mixture_check({"noise_rate_mixture": 0.62, "audit": audit})["status"] == "inconsistent"
+    assert mixture_check({"noise_rate_mixture": 0.1, "audit": audit})["status"] == "consistent"
+    alone = {"noise_rate_mixture": 0.62}
+    assert mixture_check(alone)["status"] == "unverified"
+    qa = {"noise_rate_mixture": 0.62, "mixture_check": mixture_check(alone), "checks": {}}
+    assert "2-component mixture — unverified hint" in render_markdown(qa)
+    qa["mixture_check"] = mixture_check(far)
+    assert "UNRELIABLE here" in render_markdown(qa)
