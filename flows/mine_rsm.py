@@ -272,7 +272,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m flows.mine_rsm", description=__doc__.split("\n\n")[0])
     add_param_arguments(p)
     p.add_argument("--no-prefect", action="store_true", help="run the same pipeline without Prefect")
+    p.add_argument(
+        "--debug", action="store_true", help="keep Python tracebacks (default: one line per error)"
+    )
     return p.parse_args(argv)
+
+
+class _NoTraceback(logging.Filter):
+    """Drops the traceback from Prefect's task/flow-run error records: the CLI prints the error as one line
+    (a RunConflictError came with ~60 lines of Prefect engine frames). `--debug` keeps them."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def quiet_tracebacks() -> None:
+    for name in ("prefect.task_runs", "prefect.flow_runs"):
+        logging.getLogger(name).addFilter(_NoTraceback())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,6 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     values = vars(args)
     no_prefect = values.pop("no_prefect")
+    debug = values.pop("debug")
+    if not debug:
+        quiet_tracebacks()
     params = MineParams(**values)
     qa_out = params.qa_out
     try:
@@ -293,9 +314,13 @@ def main(argv: list[str] | None = None) -> int:
             summary = mine_rsm(**(values | {"progress_bar": True}))
     except ShardsFailedError as exc:  # rc 1: a rerun resumes (and may succeed)
         print(f"error: {exc}", file=sys.stderr)
+        if debug:
+            raise
         return 1
     except (RunConflictError, ShardStoreError, WorkerStartError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)  # rc 2: refused; change the arguments or the folder
+        if debug:
+            raise
         return 2
     print(
         f"{summary['out']}: {summary['shards_committed']}/{summary['n_shards']} shards "

@@ -218,6 +218,31 @@ def test_cli_requires_a_clip_model(params, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_errors_are_one_line_and_debug_keeps_the_traceback(params, tmp_path, capsys):
+    import io
+    import logging
+
+    from flows.mine_rsm import _NoTraceback
+
+    argv = ["--manifest", params["manifest"], "--out", str(tmp_path / "o"), "--no-prefect"]
+    with pytest.raises((ValueError, FileNotFoundError)):
+        main([*argv, "--debug"])
+    # Prefect's task-run error records lose their traceback (the CLI prints the error once, as one line)
+    logger = logging.getLogger("prefect.task_runs.test")
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logger.addHandler(handler)
+    logger.addFilter(_NoTraceback())
+    try:
+        try:
+            raise RunConflictError("holds another run")
+        except RunConflictError:
+            logger.exception("Task run failed with exception: RunConflictError('holds another run')")
+    finally:
+        logger.removeHandler(handler)
+    assert stream.getvalue().count("\n") == 1 and "Traceback" not in stream.getvalue()
+
+
 def test_flow_writes_the_qa_report_and_publishes_it(reference, params, tmp_path):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -36,7 +36,7 @@ def test_cli_is_derived_from_the_table(tmp_path):
         ["--manifest", "m.parquet", "--out", "o", "--shard-size", "8", "--shard-timeout", "2.5"]
     )
     values = vars(args)
-    assert values.pop("no_prefect") is False
+    assert values.pop("no_prefect") is False and values.pop("debug") is False  # CLI-only switches
     params = MineParams(**values)
     assert (params.shard_size, params.shard_timeout_s) == (8, 2.5)
     assert params.proposer == param_defaults()["proposer"] and params.progress_bar is False
