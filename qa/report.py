@@ -40,6 +40,7 @@ import numpy as np
 import polars as pl
 import pyarrow.parquet as pq
 
+from miners.rsm import matches_from_pairs
 from miners.run_config import RunConfig, RunConfigError, read_run_config
 from qa import plots, sheets
 from qa.audit.fit import read_audit
@@ -50,11 +51,12 @@ from qa.mixture import MIXTURE_KINDS, posterior_noisy
 from qa.noise import BREAKDOWN_KEYS, column_range, fit_mixture_lazy, label_free_figures, score_histogram
 from qa.render import render_html, render_markdown, summary_markdown
 from qa.truth import add_true_breakdowns, judge_run, load_ground_truth, truth_figures
-from qa.verdict import calibrator_provenance, mixture_check, verdict
+from qa.verdict import calibrator_provenance, data_shift, mixture_check, verdict
 from storage.schemas import PAIRS_SCHEMA
 from storage.shards import ShardStoreError, load_run_plan
 
 HIST_SCORES = ("reliability", "clip_cosine", "softmax_prob", "margin")
+SHIFT_SAMPLE = 20_000  # pairs compared with the calibrator's fitting data (qa.verdict.data_shift)
 
 
 def _json_safe(value: Any) -> Any:
@@ -222,6 +224,10 @@ def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, s
     provenance = (
         calibrator_provenance(run_cfg.rsm.clip_model, run_cfg.rsm.calibrator) if run_cfg is not None else None
     )
+    if provenance and provenance["calibrated"] and n_pairs:
+        # the first SHIFT_SAMPLE pairs in shard order: shards are planned in manifest order, not by content
+        sample = lf.head(SHIFT_SAMPLE).collect().to_arrow()
+        provenance["data_shift"] = data_shift(provenance["path"], matches_from_pairs(sample))
     qa = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "run": {

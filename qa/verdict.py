@@ -16,7 +16,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from miners.calibration import CALIBRATOR_FILENAME
+import numpy as np
+
+from miners.calibration import CALIBRATOR_FILENAME, Calibrator, feature_matrix
+from miners.matching import UnitMatches
 
 
 def calibrator_provenance(clip_model: str | None, calibrator: str | None) -> dict[str, Any] | None:
@@ -42,6 +45,36 @@ def calibrator_provenance(clip_model: str | None, calibrator: str | None) -> dic
         "samples": info.get("samples"),
         "text_noise": info.get("text_noise"),
         "features": len(raw.get("features", [])),
+    }
+
+
+SHIFT_SD = 0.5  # a feature whose mean moved by more than this many of the fitting data's sds "differs"
+
+
+def data_shift(calibrator_path: str | Path, matches: UnitMatches) -> dict[str, Any]:
+    """Does this run's data look like what the calibrator was fitted on? Per feature, how far the run's mean
+    lies from the fitting data's mean (which the calibrator stores for standardisation), in the fitting
+    data's standard deviations. `applies` is False when any feature moved more than SHIFT_SD: a new dataset,
+    proposer or caption style, where a calibrated number still needs an audit."""
+    cal = Calibrator.load(calibrator_path)
+    try:
+        x = feature_matrix(matches, cal.features)
+    except ValueError as exc:
+        return {"applies": False, "why": str(exc), "shifted": {}}
+    shift = np.abs(np.nanmean(x, axis=0) - cal.mean) / cal.std
+    shifted = {n: round(float(v), 3) for n, v in zip(cal.features, shift, strict=True) if v > SHIFT_SD}
+    top = sorted(shifted.items(), key=lambda kv: -kv[1])[:3]
+    return {
+        "applies": not shifted,
+        "max_shift_sd": round(float(np.nanmax(shift)), 3) if shift.size else 0.0,
+        "shifted": shifted,
+        "pairs_compared": int(x.shape[0]),
+        "why": (
+            f"every feature within {SHIFT_SD} sd of the fitting data's mean"
+            if not shifted
+            else "this run's data differs from the fitting data: "
+            + ", ".join(f"{n} by {v:.2f} sd" for n, v in top)
+        ),
     }
 
 
@@ -78,6 +111,11 @@ def verdict(qa: dict[str, Any], calibrator: dict[str, Any] | None) -> dict[str, 
             "an audit of a sample (or a refit on labelled data) before its number is taken at face value. The "
             "mixture figure is a hint only."
         )
+        shift = calibrator.get("data_shift") or {}
+        if shift.get("applies") is False:
+            why += f" Careful: {shift['why']}; audit a sample (python -m qa.audit) before quoting it."
+        elif shift.get("applies"):
+            why += f" This run's data matches it ({shift['why']})."
         return {"trust": "noise_rate_estimated", "why": why, "calibrator": calibrator}
     why = (
         "No ground truth and no calibrated reliability (the default prior ranks pairs but its numbers are not "

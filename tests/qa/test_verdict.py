@@ -81,3 +81,38 @@ def test_the_mixture_is_read_only_when_a_measurement_backs_it():
     assert "2-component mixture — unverified hint" in render_markdown(qa)
     qa["mixture_check"] = mixture_check(far)
     assert "UNRELIABLE here" in render_markdown(qa)
+
+
+def test_the_calibrator_says_whether_this_runs_data_looks_like_its_fitting_data(tmp_path):
+    import numpy as np
+
+    from miners.calibration import fit_calibrator
+    from miners.matching import UnitMatches
+    from qa.verdict import data_shift
+
+    def matches(n, rng, margin_shift=0.0):
+        return UnitMatches(
+            region_index=np.zeros(n, dtype=np.int64),
+            clip_cosine=rng.normal(0.2, 0.1, n).astype(np.float32),
+            softmax_prob=rng.random(n).astype(np.float32),
+            margin=(rng.random(n) * 0.3 + margin_shift).astype(np.float32),
+            mutual_best=rng.random(n) < 0.5,
+            part_agreement=np.where(rng.random(n) < 0.6, 1.0, 0.0).astype(np.float32),
+            has_part_words=np.ones(n, dtype=bool),
+            region_quality=np.full(n, 0.8, dtype=np.float32),
+            region_label=[["head", "upper"][k % 2] for k in range(n)],
+        )
+
+    rng = np.random.default_rng(0)
+    fit_on = matches(3000, rng)
+    y = rng.random(3000) < 0.3 + 0.5 * (fit_on.part_agreement == 1.0)
+    path = fit_calibrator(fit_on, y).save(tmp_path / "rsm-calibrator.json")
+    same = data_shift(path, matches(2000, rng))
+    assert same["applies"] and same["shifted"] == {}
+    moved = data_shift(path, matches(2000, rng, margin_shift=0.1))
+    assert not moved["applies"] and list(moved["shifted"]) == ["margin"] and "margin by" in moved["why"]
+    cal = _calibrator(tmp_path, True) | {"data_shift": moved}
+    assert (
+        "Careful: this run's data differs"
+        in verdict({"ground_truth": False, "noise_rate_estimated": 0.1}, cal)["why"]
+    )
