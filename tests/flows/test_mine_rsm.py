@@ -228,7 +228,7 @@ def test_cli_errors_are_one_line_and_debug_keeps_the_traceback(params, tmp_path,
     with pytest.raises((ValueError, FileNotFoundError)):
         main([*argv, "--debug"])
     # Prefect's task-run error records lose their traceback (the CLI prints the error once, as one line)
-    logger = logging.getLogger("prefect.task_runs.test")
+    logger = logging.getLogger("rsm.tests.no_traceback")  # outside prefect.*: no API log handler
     stream = io.StringIO()
     handler = logging.StreamHandler(stream)
     logger.addHandler(handler)
