@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from miners.caption_noise import (
     NoiseUnavailable,
@@ -38,7 +37,7 @@ from miners.run_config import RunConfig
 from qa.checks import scan_shards
 from qa.config import ReportConfig, check_inject_modes
 from qa.mixture import fit_mixture, posterior_noisy
-from storage.plan import RunPlan
+from storage.plan import RunPlan, image_root
 from storage.schemas import STATUS_SCHEMA
 from storage.synth.generate import IDENTITIES_FILE
 from storage.synth.identities import AttributeWords, read_identity_attributes
@@ -219,7 +218,7 @@ def run_injection(
         .collect()
         .sort("sample_id")
     )
-    root = (pq.read_schema(manifest_path).metadata or {}).get(b"rsm.root", b"").decode() or plan.manifest_root
+    root = image_root(plan, manifest_path)
 
     modes: dict[str, dict] = {}
     identities, why_not = _identities(root) if "attribute" in cfg.inject_modes else (None, "")

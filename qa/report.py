@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import polars as pl
-import pyarrow.parquet as pq
 
 from miners.rsm import matches_from_pairs
 from miners.run_config import RunConfig, RunConfigError, read_run_config
@@ -52,6 +51,7 @@ from qa.noise import BREAKDOWN_KEYS, column_range, fit_mixture_lazy, label_free_
 from qa.render import render_html, render_markdown, summary_markdown
 from qa.truth import add_true_breakdowns, judge_run, load_ground_truth, truth_figures
 from qa.verdict import calibrator_provenance, data_shift, mixture_check, verdict
+from storage.plan import image_root
 from storage.schemas import PAIRS_SCHEMA
 from storage.shards import ShardStoreError, load_run_plan
 
@@ -119,10 +119,7 @@ def build_report(
                 f"--inject-noise needs the dataset manifest ({plan.manifest_path} is gone)"
             )
         injection_rsm_config(run_cfg, cfg.clip_model)
-    root = plan.manifest_root
-    if manifest_path is not None:
-        meta = pq.read_schema(manifest_path).metadata or {}
-        root = meta.get(b"rsm.root", (root or "").encode()).decode() or None
+    root = image_root(plan, manifest_path)
     final, out = out, out.parent / f".{out.name}.staging-{os.getpid()}"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)

@@ -95,6 +95,16 @@ def sample_ids_digest(sample_ids: list[str]) -> str:
     return _sha256_text(json.dumps(sorted(sample_ids), ensure_ascii=False))
 
 
+def image_root(plan: RunPlan, manifest_path: str | Path | None) -> str | None:
+    """The dataset root a run's image paths are relative to: the manifest's `rsm.root` when the manifest
+    is readable (it may have been re-imported elsewhere), else what the plan recorded."""
+    root = plan.manifest_root
+    if manifest_path is not None and Path(manifest_path).is_file():
+        meta = pq.read_schema(manifest_path).metadata or {}
+        root = meta.get(b"rsm.root", (root or "").encode()).decode() or root
+    return root or None
+
+
 def read_manifest_table(manifest_path: str | Path) -> pa.Table:
     """The manifest as MANIFEST_SCHEMA (file order), keeping its metadata (rsm.root, version)."""
     table = pq.read_table(manifest_path)

@@ -118,6 +118,12 @@ class Item:
         return (self.sample_id, self.sentence_index, self.region_id)
 
 
+# A verdict event (alias `l`) that no undo has retracted: the one rule every reader of labels applies.
+_IN_FORCE = (
+    "l.event IN ('correct', 'wrong', 'unsure') "
+    "AND NOT EXISTS (SELECT 1 FROM labels u WHERE u.undoes = l.label_id)"
+)
+
 _ITEM_COLUMNS = (
     "item_id, sample_id, sentence_index, region_id, image_path, person_id, caption, sentence, char_start, "
     "char_end, bbox_xyxy, mask_rle, region_label, image_width, image_height, stratum, inclusion_prob, "
@@ -279,9 +285,8 @@ class AuditDB:
         annotator = annotator.strip()
         with self.transaction() as c:
             row = c.execute(
-                "SELECT label_id, item_id FROM labels l WHERE annotator = ? AND event IN "
-                "('correct', 'wrong', 'unsure') AND NOT EXISTS "
-                "(SELECT 1 FROM labels u WHERE u.undoes = l.label_id) ORDER BY label_id DESC LIMIT 1",
+                f"SELECT label_id, item_id FROM labels l WHERE annotator = ? AND {_IN_FORCE} "
+                "ORDER BY label_id DESC LIMIT 1",
                 (annotator,),
             ).fetchone()
             if row is None:
@@ -315,8 +320,7 @@ class AuditDB:
         """item id -> {annotator: verdict in force}: each annotator's latest correct/wrong/unsure on the
         item that no undo retracts."""
         rows = self.conn.execute(
-            "SELECT item_id, annotator, event FROM labels l WHERE event IN ('correct', 'wrong', 'unsure') "
-            "AND NOT EXISTS (SELECT 1 FROM labels u WHERE u.undoes = l.label_id) ORDER BY label_id"
+            f"SELECT item_id, annotator, event FROM labels l WHERE {_IN_FORCE} ORDER BY label_id"
         ).fetchall()
         out: dict[int, dict[str, str]] = {}
         for item_id, annotator, event in rows:
@@ -324,16 +328,18 @@ class AuditDB:
         return out
 
     def next_item(self, annotator: str) -> Item | None:
-        """The annotator's next item: one they have no verdict on, preferring items nobody has labelled
-        yet (annotators working at once share the sample instead of repeating it), then items they have
-        not skipped, then the sample's shuffled order. None when they have labelled every item."""
+        """The annotator's next item (see `next_items`); None when they have labelled every item."""
+        items = self.next_items(annotator, 1)
+        return items[0] if items else None
+
+    def next_items(self, annotator: str, limit: int) -> list[Item]:
+        """The annotator's next `limit` items: ones they have no verdict on, preferring items nobody has
+        labelled yet (annotators working at once share the sample instead of repeating it), then items
+        they have not skipped, then the sample's shuffled order."""
         annotator = annotator.strip()
-        row = self.conn.execute(
+        rows = self.conn.execute(
             f"""
-            WITH active AS (
-                SELECT item_id, annotator FROM labels l WHERE event IN ('correct', 'wrong', 'unsure')
-                AND NOT EXISTS (SELECT 1 FROM labels u WHERE u.undoes = l.label_id)
-            )
+            WITH active AS (SELECT item_id, annotator FROM labels l WHERE {_IN_FORCE})
             SELECT {_ITEM_COLUMNS} FROM items i
             WHERE NOT EXISTS (SELECT 1 FROM active a WHERE a.item_id = i.item_id AND a.annotator = :who)
             ORDER BY
@@ -341,11 +347,11 @@ class AuditDB:
                 (SELECT COUNT(*) FROM labels s WHERE s.item_id = i.item_id AND s.annotator = :who
                     AND s.event = 'skip'),
                 queue_order
-            LIMIT 1
+            LIMIT :n
             """,
-            {"who": annotator},
-        ).fetchone()
-        return _item(row) if row else None
+            {"who": annotator, "n": limit},
+        ).fetchall()
+        return [_item(r) for r in rows]
 
     def progress(self, annotator: str | None = None) -> dict:
         """Items with a verdict (by anyone, and by `annotator`), overall and per stratum."""

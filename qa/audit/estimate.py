@@ -22,8 +22,6 @@ from __future__ import annotations
 import math
 from collections import Counter
 
-import numpy as np
-
 Z95 = 1.959963984540054
 METHOD = "stratified Wilson (effective n), inverse-probability weighted; unsure excluded"
 
@@ -134,7 +132,3 @@ def noise_rates(verdict: dict[int, str], stratum_of: dict[int, int], strata: lis
             },
         }
     return out
-
-
-def weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
-    return float(np.sum(values * weights) / np.sum(weights))

@@ -191,8 +191,7 @@ def export(
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         else:
             buf = io.StringIO()
-            fields = list(rows[0]) if rows else list(EXPORT_FIELDS)
-            writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
+            writer = csv.DictWriter(buf, fieldnames=EXPORT_FIELDS, lineterminator="\n")
             writer.writeheader()
             for r in rows:
                 writer.writerow(

@@ -29,8 +29,8 @@ import pyarrow as pa
 
 from miners.calibration import Calibrator, default_calibrator, features_for, fit_calibrator
 from miners.metrics import expected_calibration_error
-from miners.rsm import calibrator_path, matches_from_pairs
-from miners.run_config import read_run_config
+from miners.rsm import calibrator_fingerprint, calibrator_path, matches_from_pairs
+from miners.run_config import RunConfig
 from qa.audit.db import AuditDB, AuditError, UnknownItemError
 from qa.audit.estimate import combine_annotators, noise_rates
 from qa.audit.sample import pair_keys, run_source
@@ -62,16 +62,12 @@ def combined_verdicts(db: AuditDB) -> tuple[dict[int, str], dict]:
     }
 
 
-def run_calibrator(pairs_dir: str | Path, pairs: pa.Table) -> Calibrator:
+def run_calibrator(cfg: RunConfig, pairs: pa.Table) -> Calibrator:
     """The calibrator the run was mined with (for its feature list): the run's file when it still hashes
     as the run recorded, else the default prior or the mode's features with what the pairs carry."""
-    cfg = read_run_config(pairs_dir)
     path = calibrator_path(cfg.rsm)
-    if path.is_file():
-        import hashlib
-
-        if hashlib.sha256(path.read_bytes()).hexdigest()[:16] == cfg.fingerprints.get("calibrator"):
-            return Calibrator.load(path)
+    if path.is_file() and calibrator_fingerprint(cfg.rsm) == cfg.fingerprints.get("calibrator"):
+        return Calibrator.load(path)
     if cfg.fingerprints.get("calibrator") == "default-prior":
         return default_calibrator(cfg.rsm.match.mode)
     content = pairs["bank_region_z"].null_count < pairs.num_rows
@@ -215,14 +211,13 @@ def fit_audit(db_path: str | Path, pairs_dir: str | Path, out_dir: str | Path, s
             f"{2 * N_FOLDS} with both kinds; label more pairs"
         )
 
-    base = run_calibrator(pairs_dir, pairs)
+    base = run_calibrator(src.config, pairs)
     matches = matches_from_pairs(rows)
     oof, chosen, losses = cross_validated(matches, y, w, stratum, base, seed)
     ece_before, bins_before = expected_calibration_error(before, y, ECE_BINS, weights=w)
     ece_after, bins_after = expected_calibration_error(oof, y, ECE_BINS, weights=w)
     refit = _fit_candidate(chosen, base, matches, y, w)
-    run_cfg = read_run_config(pairs_dir)
-    refit.model_fingerprint = run_cfg.fingerprints.get("clip_model")
+    refit.model_fingerprint = src.config.fingerprints.get("clip_model")
     refit.fit_info |= {
         "kind": "audit",
         "audit_db": str(Path(db_path).resolve()),

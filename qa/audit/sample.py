@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import ExifTags, Image
 
-from miners.run_config import read_run_config
+from miners.run_config import RunConfig, read_run_config
 from qa.audit.db import AuditDB, AuditError, utc_now
+from storage.plan import image_root
 from storage.reader import read_pairs
 from storage.shards import load_run_plan
 
@@ -55,22 +56,21 @@ class RunSource:
     image_root: Path | None
     manifest_path: Path | None
     keep_threshold: float
+    config: RunConfig
 
 
 def run_source(pairs_dir: str | Path) -> RunSource:
     plan = load_run_plan(pairs_dir)
     manifest = Path(plan.manifest_path)
-    root = plan.manifest_root
-    if manifest.is_file():
-        root = (pq.read_schema(manifest).metadata or {}).get(
-            b"rsm.root", (root or "").encode()
-        ).decode() or root
+    root = image_root(plan, manifest)
+    config = read_run_config(pairs_dir)
     return RunSource(
         pairs_dir=Path(pairs_dir),
         run_id=plan.run_id,
         image_root=Path(root).resolve() if root else None,
         manifest_path=manifest if manifest.is_file() else None,
-        keep_threshold=float(read_run_config(pairs_dir).rsm.match.keep_threshold),
+        keep_threshold=float(config.rsm.match.keep_threshold),
+        config=config,
     )
 
 

@@ -134,27 +134,9 @@ def _item_json(item: Item) -> dict:
 
 
 def _upcoming(db: AuditDB, annotator: str, limit: int) -> list[tuple[int, str, bool]]:
-    """(item id, image path, has mask) of the annotator's next `limit` items, in AuditDB.next_item's
-    order (the same ORDER BY; tests/qa/audit/test_web.py holds the two equal). Only the preload hint
-    comes from here; the pair shown always comes from next_item."""
-    rows = db.conn.execute(
-        """
-        WITH active AS (
-            SELECT item_id, annotator FROM labels l WHERE event IN ('correct', 'wrong', 'unsure')
-            AND NOT EXISTS (SELECT 1 FROM labels u WHERE u.undoes = l.label_id)
-        )
-        SELECT i.item_id, i.image_path, i.mask_rle IS NOT NULL AND i.mask_rle != '' FROM items i
-        WHERE NOT EXISTS (SELECT 1 FROM active a WHERE a.item_id = i.item_id AND a.annotator = :who)
-        ORDER BY
-            EXISTS (SELECT 1 FROM active a WHERE a.item_id = i.item_id),
-            (SELECT COUNT(*) FROM labels s WHERE s.item_id = i.item_id AND s.annotator = :who
-                AND s.event = 'skip'),
-            queue_order
-        LIMIT :n
-        """,
-        {"who": annotator, "n": limit},
-    ).fetchall()
-    return [(int(i), str(p), bool(m)) for i, p, m in rows]
+    """(item id, image path, has mask) of the annotator's next `limit` items (AuditDB.next_items): only
+    the preload hint comes from here."""
+    return [(it.item_id, it.image_path, bool(it.mask_rle)) for it in db.next_items(annotator, limit)]
 
 
 def fit_command(db_path: Path, meta: dict[str, str], sep: str = " ") -> str:
