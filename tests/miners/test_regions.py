@@ -297,3 +297,20 @@ def test_bad_options_and_checkpoints_are_refused(tmp_path, tiny_sam_path):
     # Overrides reach the config: four zones give four regions.
     four = build_proposer("prior", zones=PriorConfig().zones[:4])
     assert four.propose(draw_pedestrian((34, 20, 94, 240))[0]).labels == ZONE_LABELS[:4]
+
+
+def test_palette_distance_equals_the_direct_difference_formula():
+    # The proposer computes |x - p| by the matrix-product expansion (the fast path); it must give the
+    # distances the plain difference tensor gives, also across its chunk boundary.
+    from miners.regions.prior import _palette_distance
+
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, size=(300, 250, 3)).astype(np.float32)  # 75,000 px: two chunks
+    palette = rng.uniform(0, 255, size=(23, 3)).astype(np.float32)
+    direct = np.sqrt(((pixels[..., None, :] - palette) ** 2).sum(-1).min(-1))
+    got = _palette_distance(pixels, palette)
+    assert got.shape == (300, 250)
+    np.testing.assert_allclose(got, direct, atol=1e-3)
+    # A pixel equal to a palette colour is at distance 0, not a small negative made NaN by sqrt.
+    on_palette = _palette_distance(palette[None, :3], palette)[0]
+    assert np.isfinite(on_palette).all() and (on_palette < 1e-3).all()
