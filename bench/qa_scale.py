@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from storage.plan import plan_shards  # noqa: E402
+from storage.plan import plan_shards, read_sorted_manifest  # noqa: E402
 from storage.schemas import BODY_PARTS, PAIRS_SCHEMA, STATUS_SCHEMA, with_version  # noqa: E402
 from storage.shards import SUCCESS_FILE, begin_run, commit_shard, finalize_run  # noqa: E402
 
@@ -156,7 +156,7 @@ def generate(work: Path, n_pairs: int, n_shards: int, seed: int = 0) -> Path:
     manifest = _manifest(work / f"manifest-{n_captions}.parquet", n_captions)
     plan = plan_shards(manifest, -(-n_captions // n_shards), {"bench": "qa_scale", "keep_threshold": 0.5})
     begin_run(out, plan)
-    table = pq.read_table(manifest)
+    table = read_sorted_manifest(manifest)
     t0 = time.perf_counter()
     for spec in plan.shards:
         rows = plan.rows_for(spec.shard_id, table)

@@ -25,7 +25,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import pyarrow.compute as pc
 import ray
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
@@ -57,7 +56,7 @@ from flows.rounds import run_rounds
 from miners.run_config import run_config_for
 from qa.config import INJECT_MODES, ReportConfig
 from qa.report import build_report
-from storage.plan import SORT_KEYS, RunPlan, load_shard_rows, plan_shards, read_manifest_table
+from storage.plan import RunPlan, load_shard_rows, plan_shards, read_sorted_manifest
 from storage.shards import (
     RunConflictError,
     ShardStoreError,
@@ -106,8 +105,7 @@ def mine_pending(
         pool_plan = plan_pool(len(pending), ray.cluster_resources(), opts.max_workers, opts.gpus_per_worker)
         report.pool_reason = f"{pool_plan.n_workers} worker(s): {pool_plan.reason}"
         # Read and sort once; load_shard_rows slices (and checks) each shard's rows out of it
-        manifest = read_manifest_table(plan.manifest_path)
-        manifest = manifest.take(pc.sort_indices(manifest, sort_keys=SORT_KEYS))
+        manifest = read_sorted_manifest(plan.manifest_path)
         progress = Progress(n_done=len(plan.shards) - len(pending), n_total=len(plan.shards))
         worker_config = asdict(opts.config)
         with ShardPool(worker_config, pool_plan, actor_cls=actor_cls) as pool:

@@ -62,8 +62,8 @@ class RunPlan:
             raise ValueError(f"run {self.run_id} has shards 0..{len(self.shards) - 1}, not {shard_id}")
         return self.shards[shard_id]
 
-    def rows_for(self, shard_id: int, manifest: pa.Table | None = None) -> pa.Table:
-        return load_shard_rows(self, shard_id, manifest)
+    def rows_for(self, shard_id: int, sorted_manifest: pa.Table | None = None) -> pa.Table:
+        return load_shard_rows(self, shard_id, sorted_manifest)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -120,6 +120,11 @@ def _sorted_manifest(table: pa.Table) -> pa.Table:
     return table.take(pc.sort_indices(table, sort_keys=SORT_KEYS))
 
 
+def read_sorted_manifest(manifest_path: str | Path) -> pa.Table:
+    """The manifest in plan order (SORT_KEYS), read and sorted once: what `load_shard_rows` slices."""
+    return _sorted_manifest(read_manifest_table(manifest_path))
+
+
 def _content_fingerprint(sorted_table: pa.Table) -> str:
     # Hash values, not file bytes: a re-import that writes identical rows (another pyarrow, other
     # row order or compression) is the same manifest, so a re-run resumes instead of conflicting.
@@ -143,7 +148,7 @@ def plan_shards(manifest_path: str | Path, shard_size: int, config: dict[str, An
     if not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive int, got {shard_size!r}")
     config_text = canonical_json(config, "config")
-    table = _sorted_manifest(read_manifest_table(manifest_path))
+    table = read_sorted_manifest(manifest_path)
     sample_ids: list[str] = table.column("sample_id").to_pylist()
     if len(set(sample_ids)) != len(sample_ids):
         dup = next(sid for sid, n in Counter(sample_ids).items() if n > 1)
@@ -199,14 +204,16 @@ def plan_shards(manifest_path: str | Path, shard_size: int, config: dict[str, An
     )
 
 
-def load_shard_rows(plan: RunPlan, shard_id: int, manifest: pa.Table | None = None) -> pa.Table:
+def load_shard_rows(plan: RunPlan, shard_id: int, sorted_manifest: pa.Table | None = None) -> pa.Table:
     """The manifest rows of one shard (with the manifest's metadata, e.g. rsm.root).
 
-    Pass `manifest` (from `read_manifest_table`) to slice many shards out of one read.
+    Pass `sorted_manifest` (from `read_sorted_manifest`) to slice many shards out of one read and one
+    sort: the slice is then O(shard), not a re-sort of the whole manifest per shard (quadratic in
+    manifest size over a run). The sample-id digest check below also catches a table passed unsorted.
     """
     spec = plan.shard(shard_id)
-    table = manifest if manifest is not None else read_manifest_table(plan.manifest_path)
-    rows = _sorted_manifest(table).slice(spec.row_start, spec.n_rows)
+    table = sorted_manifest if sorted_manifest is not None else read_sorted_manifest(plan.manifest_path)
+    rows = table.slice(spec.row_start, spec.n_rows)
     ids = rows.column("sample_id").to_pylist()
     if len(ids) != spec.n_rows or sample_ids_digest(ids) != spec.sample_ids_sha256:
         raise ShardStoreError(

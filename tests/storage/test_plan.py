@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from storage.plan import RunPlan, plan_shards
+from storage.errors import ShardStoreError
+from storage.plan import RunPlan, plan_shards, read_manifest_table, read_sorted_manifest
 
 # 12 images, 23 captions: with shard_size 5 no image may straddle a cut
 from tests.storage.shard_helpers import (
@@ -50,6 +51,16 @@ def test_plan_is_deterministic_and_groups_images(tmp_path: Path) -> None:
     assert len(seen_images) == len(CAPTIONS_PER_IMAGE)
     # Greedy cuts: each shard is full unless the next image would not fit
     assert [s.n_rows for s in plan.shards] == [3, 5, 5, 4, 4, 2]
+
+
+def test_shards_slice_one_sorted_read_and_refuse_an_unsorted_table(tmp_path: Path) -> None:
+    plan = plan_shards(write_manifest(tmp_path / "a.parquet", shuffle_seed=1), 5, CONFIG)
+    sorted_table = read_sorted_manifest(plan.manifest_path)
+    for spec in plan.shards:  # one read and one sort for the whole run, the same rows as a fresh read
+        assert plan.rows_for(spec.shard_id, sorted_table) == plan.rows_for(spec.shard_id)
+    # The file order is shuffled: slicing it unsorted would give other rows, which the digest refuses.
+    with pytest.raises(ShardStoreError, match="differ from the plan"):
+        plan.rows_for(0, read_manifest_table(plan.manifest_path))
 
 
 def test_plan_fingerprints_track_config_and_manifest(tmp_path: Path) -> None:
