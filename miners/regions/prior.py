@@ -145,24 +145,25 @@ def border_palette(image_rgb: np.ndarray, config: PriorConfig) -> np.ndarray:
 
 
 def _palette_distance(pixels: np.ndarray, palette: np.ndarray) -> np.ndarray:
-    """RGB distance of every pixel (... x 3) to its nearest palette colour, in bounded memory.
+    """RGB distance of every pixel (... x 3) to its nearest palette colour.
 
-    |x - p|^2 = |p|^2 - 2 p.x + |x|^2: one P x N matrix product per chunk (BLAS) and a minimum over
-    the palette axis that runs along rows, instead of an N x P x 3 difference tensor reduced over a
-    short inner axis (10x faster). Float64, so the expansion's cancellation stays far below the
-    thresholds' scale (values are at most 3 x 255^2)."""
-    flat = pixels.reshape(-1, 3).astype(np.float64)
-    pal = palette.astype(np.float64)
-    pal_sq = (pal**2).sum(-1)[:, None]
-    d2 = np.empty(len(flat), np.float64)
-    chunk_px = 65536  # palette x chunk float64s at a time, whatever the image size
-    for start in range(0, len(flat), chunk_px):
-        block = flat[start : start + chunk_px]
-        cross = pal @ block.T
-        cross *= -2.0
-        cross += pal_sq
-        d2[start : start + chunk_px] = cross.min(0) + np.einsum("ij,ij->i", block, block)
-    return np.sqrt(np.maximum(d2, 0.0)).astype(np.float32).reshape(pixels.shape[:-1])
+    One pass per palette colour over channel-major pixels, with a running minimum: the same float32
+    arithmetic in the same order as an N x P x 3 difference tensor reduced over its short last axes,
+    but contiguous and about 15x faster. No matrix product on purpose: BLAS threads on a product this
+    small cost more than they save and fight the CLIP forward's threads for the worker's cores."""
+    channels = np.ascontiguousarray(pixels.reshape(-1, 3).T, dtype=np.float32)  # 3 x N
+    best = np.full(channels.shape[1], np.inf, np.float32)
+    d2 = np.empty_like(best)
+    tmp = np.empty_like(best)
+    for colour in np.asarray(palette, np.float32):
+        np.subtract(channels[0], colour[0], out=d2)
+        np.square(d2, out=d2)
+        for c in (1, 2):
+            np.subtract(channels[c], colour[c], out=tmp)
+            np.square(tmp, out=tmp)
+            d2 += tmp
+        np.minimum(best, d2, out=best)
+    return np.sqrt(best).reshape(pixels.shape[:-1])
 
 
 def foreground_mask(image_rgb: np.ndarray, config: PriorConfig) -> np.ndarray:

@@ -300,12 +300,12 @@ def test_bad_options_and_checkpoints_are_refused(tmp_path, tiny_sam_path):
 
 
 def test_palette_distance_equals_the_direct_difference_formula():
-    # The proposer computes |x - p| by the matrix-product expansion (the fast path); it must give the
-    # distances the plain difference tensor gives, also across its chunk boundary.
+    # The proposer computes |x - p| one palette colour at a time (the fast path); it must give the
+    # distances the plain N x P x 3 difference tensor gives.
     from miners.regions.prior import _palette_distance
 
     rng = np.random.default_rng(3)
-    pixels = rng.integers(0, 256, size=(300, 250, 3)).astype(np.float32)  # 75,000 px: two chunks
+    pixels = rng.integers(0, 256, size=(300, 250, 3)).astype(np.float32)
     palette = rng.uniform(0, 255, size=(23, 3)).astype(np.float32)
     direct = np.sqrt(((pixels[..., None, :] - palette) ** 2).sum(-1).min(-1))
     got = _palette_distance(pixels, palette)
