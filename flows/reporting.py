@@ -24,6 +24,7 @@ from prefect.artifacts import (
 
 from flows.options import MineOptions
 from flows.ray_workers import ShardEvent
+from miners.rsm import STAGES
 from qa.render import summary_markdown as qa_summary_markdown
 from storage.plan import RunPlan
 from storage.shards import committed_records
@@ -84,10 +85,12 @@ def summarize(opts: MineOptions, plan: RunPlan, report: MiningReport, wall_s: fl
                 "attempts": worker.get("attempt"),
                 "worker": "{host}:{pid} {device}".format(**worker["worker"]) if "worker" in worker else "",
             }
+            row |= {f"{k}_s": v for k, v in shard_stages(record).items()}
         shards.append(row)
 
     mined = [records[sid] for sid in report.done if sid in records]
     mine_s = sum(r["worker"].get("mine_s", 0.0) for r in mined)
+    stage_s = {k: round(sum(shard_stages(r)[k] for r in mined), 3) for k in PROFILE_STAGES}
     n_workers = max(1, len(report.workers))
     ok_rows = status_counts.get("ok", 0)
     return {
@@ -106,6 +109,9 @@ def summarize(opts: MineOptions, plan: RunPlan, report: MiningReport, wall_s: fl
         "kept_pairs": sum(records[s]["n_kept_pairs"] for s in records),
         "images_mined_now": report.images,
         "images_per_s": round(report.images / report.fanout_s, 2) if report.fanout_s else None,
+        # Where this run's time went, summed over its shards (workers run in parallel): the miner's
+        # stages inside the actors, then `write` (the driver's validate + publish of each shard)
+        "stage_s": stage_s,
         "workers": report.workers,
         "pool": report.pool_reason,
         "wall_s": round(wall_s, 2),
@@ -121,6 +127,35 @@ def summarize(opts: MineOptions, plan: RunPlan, report: MiningReport, wall_s: fl
         else None,
         "shards": shards,
     }
+
+
+# The stage profile: the miner's stages (miners.rsm.STAGES) and the driver's commit.
+PROFILE_STAGES = (*STAGES, "write")
+
+
+def shard_stages(record: dict[str, Any]) -> dict[str, float]:
+    """One committed shard's stage seconds (0 for a stage its stats file predates)."""
+    stages = record.get("worker", {}).get("stage_s", {})
+    out = {k: float(stages.get(k, 0.0)) for k in STAGES}
+    out["write"] = float(record.get("commit_s") or 0.0)
+    return out
+
+
+def stage_profile_markdown(summary: dict[str, Any]) -> str:
+    """The stage table of the summary: seconds, share of the total and ms per image, per stage."""
+    stage_s = summary.get("stage_s") or {}
+    total = sum(stage_s.values())
+    if not total:
+        return ""
+    n_images = max(1, summary["images_mined_now"])
+    rows = "".join(
+        f"| {k} | {v:.2f} | {100 * v / total:.0f}% | {1000 * v / n_images:.2f} |\n"
+        for k, v in stage_s.items()
+    )
+    return (
+        "\n## Where the time went (this run, summed over shards)\n\n"
+        "| stage | s | share | ms / image |\n| --- | --- | --- | --- |\n" + rows
+    )
 
 
 def failure_message(summary: dict[str, Any]) -> str:
@@ -151,6 +186,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"{summary['workers_start_s']}, {summary['fanout_s']}) |\n"
         f"| workers | {summary['pool']} |\n\n"
         f"## Rows by status\n\n| status | rows |\n| --- | --- |\n{kinds}"
+        + stage_profile_markdown(summary)
         + (f"\n## Failed shards\n\n{failed}\nRerun the same command to resume.\n" if failed else "")
     )
 
@@ -197,10 +233,21 @@ class LogReporter(Reporter):
             self.log.error(f"shard {event.shard_id} FAILED after {event.attempt} attempts: {event.error}")
 
     def on_summary(self, summary: dict[str, Any]) -> None:
+        speed = (
+            f"{summary['images_per_s']} images/s"
+            if summary["images_per_s"] is not None
+            else "nothing left to mine"
+        )
         self.log.info(
             f"{summary['shards_committed']}/{summary['n_shards']} shards committed, {summary['pairs']} pairs "
-            f"({summary['kept_pairs']} kept), {summary['images_per_s']} images/s, wall {summary['wall_s']}s"
+            f"({summary['kept_pairs']} kept), {speed}, wall {summary['wall_s']}s"
         )
+        stage_s = summary.get("stage_s") or {}
+        if sum(stage_s.values()):
+            total = sum(stage_s.values())
+            self.log.info(
+                "stage profile: " + ", ".join(f"{k} {100 * v / total:.0f}%" for k, v in stage_s.items())
+            )
 
 
 class TqdmReporter(Reporter):

@@ -86,6 +86,10 @@ class RSMConfig:
         return cls(**d)
 
 
+# The stage profile's keys (MineResult.seconds), in pipeline order.
+STAGES = ("load", "regions", "sentences", "scoring", "matching", "tables")
+
+
 @dataclass
 class MineResult:
     pairs: pa.Table
@@ -145,9 +149,13 @@ class RSMMiner:
 
     # --- the batch ---------------------------------------------------------------------------------
     def mine(self, rows: pa.Table, root: str | Path) -> MineResult:
+        """`seconds` is the stage profile, summed over the batches: load (headers, decode), regions
+        (proposer, mask RLE), sentences (caption split), scoring (crops, CLIP forwards), matching
+        (matcher, bank, colour probe, calibrator) and tables (the pairs and status columns)."""
         root = Path(root)
-        pairs_parts, status_parts = [], []
-        seconds: dict[str, float] = defaultdict(float)
+        pair_blocks: list[dict[str, list | np.ndarray]] = []
+        status_parts = []
+        seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)
         by_image: dict[str, list[dict]] = defaultdict(list)
         for row in rows.to_pylist():
             by_image[row["image_id"]].append(row)
@@ -155,14 +163,16 @@ class RSMMiner:
         for i in range(0, len(image_ids), self.cfg.images_per_batch):
             chunk = {iid: by_image[iid] for iid in image_ids[i : i + self.cfg.images_per_batch]}
             p, s = self._mine_chunk(chunk, root, seconds)
-            pairs_parts.append(p)
-            status_parts.append(s)
-        pairs = _rows_to_table(pairs_parts, PAIRS_SCHEMA)
-        status = _rows_to_table(status_parts, STATUS_SCHEMA)
-        return MineResult(pairs=pairs, status=status, seconds=dict(seconds))
+            pair_blocks += p
+            status_parts += s
+        t = time.perf_counter()
+        pairs = _blocks_to_table(pair_blocks)
+        status = pa.Table.from_pylist(status_parts, schema=STATUS_SCHEMA)
+        seconds["tables"] += time.perf_counter() - t
+        return MineResult(pairs=pairs, status=status, seconds=seconds)
 
     def _mine_chunk(self, chunk: dict[str, list[dict]], root: Path, seconds) -> tuple[list[dict], list[dict]]:
-        """One batch of images → (pair rows, one status row per input row, in input order).
+        """One batch of images → (pair column blocks, one status row per input row, in input order).
 
         Full-size images are decoded `max_batch_pixels` at a time and dropped once their regions are
         cropped; captions, CLIP and matching then run over the whole batch as one. So the budget bounds
@@ -231,13 +241,15 @@ class RSMMiner:
 
     def _prepare(self, images: dict[str, np.ndarray], regions: dict, seconds) -> dict[str, _Prepared]:
         """What the rest of the batch needs of each image, so its pixels (and full-size masks) can go."""
-        t = time.perf_counter()
         prepared = {}
         for iid, regs in regions.items():
+            t = time.perf_counter()
             rles = [json.dumps(encode_mask(m)) if m is not None else None for m in regs.masks]
+            t_crop = time.perf_counter()
             crops = self.scorer.region_crops(images[iid], regs)
+            seconds["regions"] += t_crop - t
+            seconds["scoring"] += time.perf_counter() - t_crop
             prepared[iid] = _Prepared(replace(regs, masks=[None] * len(regs)), rles, crops)
-        seconds["clip"] += time.perf_counter() - t
         return prepared
 
     def _split_captions(self, chunk, prepared: dict, status: dict, seconds) -> list[tuple[dict, list]]:
@@ -252,7 +264,7 @@ class RSMMiner:
                 )
             else:
                 scored.append((r, us))
-        seconds["split"] += time.perf_counter() - t
+        seconds["sentences"] += time.perf_counter() - t
         return scored
 
     def _score(self, prepared: dict[str, _Prepared], scored: list, seconds) -> list[_Embedded]:
@@ -274,7 +286,7 @@ class RSMMiner:
                 )
                 for j, (r, _) in enumerate(scored)
             ]
-        seconds["clip"] += time.perf_counter() - t
+        seconds["scoring"] += time.perf_counter() - t
         return out
 
     def _colour_variant_embeddings(self, scored: list) -> list[list[list[np.ndarray]]]:
@@ -296,8 +308,10 @@ class RSMMiner:
         return out
 
     def _match(self, scored: list, embedded: list, prepared: dict, status: dict, seconds) -> list[dict]:
+        """Match each scored sample's units; returns one block of pair columns per sample (lists and
+        arrays straight from the matcher, no per-pair dicts)."""
         t = time.perf_counter()
-        pair_rows: list[dict] = []
+        blocks: list[dict] = []
         for (r, us), emb in zip(scored, embedded, strict=True):
             image = prepared[r["image_id"]]
             regs = image.regions
@@ -316,46 +330,47 @@ class RSMMiner:
                 )
             reliability = self.calibrator.predict(m)
             kept = reliability >= self.cfg.match.keep_threshold
-            for k, u in enumerate(us):
-                pair_rows.append(self._pair_row(r, u, image, m, k, float(reliability[k]), bool(kept[k])))
+            blocks.append(self._pair_block(r, us, image, m, reliability, kept))
             status[r["sample_id"]] = _status(r, "ok", None, len(regs), len(us), len(us), int(kept.sum()))
-        seconds["match"] += time.perf_counter() - t
-        return pair_rows
+        seconds["matching"] += time.perf_counter() - t
+        return blocks
 
-    def _pair_row(
-        self, r, u, image: _Prepared, m: UnitMatches, k: int, reliability: float, kept: bool
-    ) -> dict:
+    def _pair_block(
+        self, r, us: list, image: _Prepared, m: UnitMatches, reliability: np.ndarray, kept: np.ndarray
+    ) -> dict[str, list | np.ndarray]:
+        """One sample's pairs as PAIRS_SCHEMA columns (length S: one per unit)."""
         regs = image.regions
-        ri = int(m.region_index[k])
+        n = len(us)
+        ri = np.asarray(m.region_index, dtype=np.int64)
         return {
-            "sample_id": r["sample_id"],
-            "image_id": r["image_id"],
-            "person_id": r["person_id"],
-            "split": r["split"],
-            "caption_index": r["caption_index"],
-            "sentence_index": u.sentence_index,
-            "sentence": u.text,
-            "char_start": u.char_start,
-            "char_end": u.char_end,
-            "part_tags": list(u.part_tags),
+            "sample_id": [r["sample_id"]] * n,
+            "image_id": [r["image_id"]] * n,
+            "person_id": [r["person_id"]] * n,
+            "split": [r["split"]] * n,
+            "caption_index": [r["caption_index"]] * n,
+            "sentence_index": [u.sentence_index for u in us],
+            "sentence": [u.text for u in us],
+            "char_start": [u.char_start for u in us],
+            "char_end": [u.char_end for u in us],
+            "part_tags": [list(u.part_tags) for u in us],
             "region_id": ri,
-            "region_source": regs.source,
-            "region_label": regs.labels[ri],
-            "bbox_xyxy": [float(v) for v in regs.boxes_xyxy[ri]],
-            "mask_rle": image.mask_rles[ri],
-            "region_quality": float(m.region_quality[k]),
-            "clip_cosine": float(m.clip_cosine[k]),
-            "softmax_prob": float(m.softmax_prob[k]),
-            "margin": float(m.margin[k]),
-            "mutual_best": bool(m.mutual_best[k]),
-            "part_agreement": float(m.part_agreement[k]),
-            "bank_region_z": None if m.bank_region_z is None else float(m.bank_region_z[k]),
-            "bank_sentence_z": None if m.bank_sentence_z is None else float(m.bank_sentence_z[k]),
-            "colour_logit": None if m.colour_logit is None else float(m.colour_logit[k]),
+            "region_source": [regs.source] * n,
+            "region_label": [regs.labels[i] for i in ri],
+            "bbox_xyxy": np.asarray(regs.boxes_xyxy, dtype=np.float32).reshape(-1, 4)[ri],
+            "mask_rle": [image.mask_rles[i] for i in ri],
+            "region_quality": m.region_quality,
+            "clip_cosine": m.clip_cosine,
+            "softmax_prob": m.softmax_prob,
+            "margin": m.margin,
+            "mutual_best": m.mutual_best,
+            "part_agreement": m.part_agreement,
+            "bank_region_z": m.bank_region_z,
+            "bank_sentence_z": m.bank_sentence_z,
+            "colour_logit": m.colour_logit,
             "reliability": reliability,
             "kept": kept,
-            "clip_fingerprint": self.clip_fingerprint,
-            "config_fingerprint": self.config_fingerprint,
+            "clip_fingerprint": [self.clip_fingerprint] * n,
+            "config_fingerprint": [self.config_fingerprint] * n,
         }
 
 
@@ -464,9 +479,31 @@ def _status(row, status, message, n_regions=0, n_sentences=0, n_pairs=0, n_kept=
     }
 
 
-def _rows_to_table(parts: list[list[dict]], schema: pa.Schema) -> pa.Table:
-    rows = [row for part in parts for row in part]
-    return pa.Table.from_pylist(rows, schema=schema)
+def _blocks_to_table(blocks: list[dict[str, list | np.ndarray]]) -> pa.Table:
+    """Per-sample column blocks → one PAIRS_SCHEMA table: each column concatenated once and handed
+    to Arrow as an array (numpy columns without a Python object per value). A feature that is None
+    in a block (no bank, colour probe off) is null there."""
+    columns = {}
+    for field_ in PAIRS_SCHEMA:
+        name, type_ = field_.name, field_.type
+        parts = [b[name] for b in blocks]
+        if pa.types.is_fixed_size_list(type_):  # bbox_xyxy: N x 4 float32
+            flat = np.concatenate(parts).reshape(-1) if parts else np.zeros(0, np.float32)
+            columns[name] = pa.FixedSizeListArray.from_arrays(
+                pa.array(flat, type_.value_type), type_.list_size
+            )
+        elif parts and all(isinstance(p, np.ndarray) for p in parts):
+            columns[name] = pa.array(np.concatenate(parts), type_)
+        elif any(p is None for p in parts):  # an optional feature: null where a block has none
+            lengths = [len(b["sentence"]) for b in blocks]
+            values = np.concatenate(
+                [np.zeros(n, np.float32) if p is None else p for p, n in zip(parts, lengths, strict=True)]
+            )
+            null = np.concatenate([np.full(n, p is None) for p, n in zip(parts, lengths, strict=True)])
+            columns[name] = pa.array(values, type_, mask=null)
+        else:
+            columns[name] = pa.array([v for p in parts for v in p], type_)
+    return pa.table(columns, schema=PAIRS_SCHEMA)
 
 
-__all__ = ["MineResult", "RSMConfig", "RSMMiner", "matches_from_pairs", "split_by_pixel_budget"]
+__all__ = ["STAGES", "MineResult", "RSMConfig", "RSMMiner", "matches_from_pairs", "split_by_pixel_budget"]

@@ -126,6 +126,13 @@ def test_flow_commits_every_manifest_row_exactly_once(reference, params):
         json.loads((out / stats_name(s)).read_text())["worker"]["worker"]["pid"] for s in range(n_shards)
     }
     assert workers and os.getpid() not in workers
+    # ... with its stage profile; the summary sums the stages over the shards (plus the driver's write)
+    stages = ["load", "regions", "sentences", "scoring", "matching", "tables"]
+    per_shard = [json.loads((out / stats_name(s)).read_text())["worker"]["stage_s"] for s in range(n_shards)]
+    assert all(sorted(p) == sorted(stages) for p in per_shard), per_shard
+    assert list(summary["stage_s"]) == [*stages, "write"]
+    assert summary["stage_s"]["scoring"] == pytest.approx(sum(p["scoring"] for p in per_shard), abs=1e-2)
+    assert summary["stage_s"]["write"] > 0
 
 
 def test_flow_publishes_progress_and_summary_artifacts(reference):
@@ -143,8 +150,10 @@ def test_flow_publishes_progress_and_summary_artifacts(reference):
     assert f"| manifest rows | {summary['manifest_rows']} |" in markdown, markdown
     assert f"| pairs / kept | {summary['pairs']} / {summary['kept_pairs']} |" in markdown
     assert f"run `{summary['run_id']}`: complete" in markdown
+    assert "## Where the time went" in markdown and "| scoring |" in markdown and "| write |" in markdown
     table = json.loads(artifacts["mine-rsm-shards"].data)
     assert [row["shard_id"] for row in table] == list(range(state.result()["n_shards"]))
+    assert all(row["scoring_s"] > 0 and row["write_s"] > 0 for row in table)
 
 
 def test_failed_shard_fails_the_flow_and_a_rerun_resumes_only_it(reference, params, tmp_path, capsys):

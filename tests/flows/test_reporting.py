@@ -38,6 +38,15 @@ def test_summary_markdown_holds_the_figures():
     assert "Failed shards" not in md
 
 
+def test_summary_markdown_shows_where_the_time_went():
+    stage_s = {"load": 1.0, "regions": 1.0, "sentences": 0.5, "scoring": 6.0, "matching": 0.5, "tables": 0.5}
+    md = summary_markdown(_summary(stage_s=stage_s | {"write": 0.5}, images_mined_now=100))
+    assert "## Where the time went" in md
+    assert "| scoring | 6.00 | 60% | 60.00 |" in md and "| write | 0.50 | 5% | 5.00 |" in md
+    # A resumed run that mined nothing has no profile to show
+    assert "Where the time went" not in summary_markdown(_summary(stage_s={}, images_mined_now=0))
+
+
 def test_a_failed_run_names_its_shards_and_how_to_resume():
     summary = _summary(finalized=False, shards_committed=3, shards_failed={"2": "OSError: disk full"})
     md = summary_markdown(summary)
