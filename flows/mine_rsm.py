@@ -84,7 +84,7 @@ def prepare_run(opts: MineOptions) -> tuple[RunPlan, list[int]]:
 def commit_output(opts: MineOptions, plan: RunPlan, output: ShardOutput):
     """Commit one worker output on the driver (idempotent: a re-run attempt is absorbed)."""
     stats = {"attempt": output.attempt, "mine_s": output.mine_s, "stage_s": output.stage_s}
-    stats |= {"n_images": output.n_images, "worker": output.worker}
+    stats |= {"n_images": output.n_images, "worker": output.worker, "peak_rss_mb": output.peak_rss_mb}
     return commit_shard(opts.out, plan, output.shard_id, output.pairs, output.status, stats=stats)
 
 

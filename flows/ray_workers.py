@@ -13,7 +13,9 @@ here: the flow wraps this.
 from __future__ import annotations
 
 import os
+import resource
 import socket
+import sys
 import time
 import traceback
 from collections import deque
@@ -123,6 +125,7 @@ class ShardOutput:
     mine_s: float  # wall time inside the actor
     n_images: int
     worker: dict[str, Any]  # host, pid, device, torch threads
+    peak_rss_mb: float = 0.0  # the actor process's peak resident memory so far (after this shard)
 
 
 class ShardMiner:
@@ -160,7 +163,14 @@ class ShardMiner:
             mine_s=round(time.perf_counter() - t0, 4),
             n_images=len(set(rows.column("image_id").to_pylist())),
             worker=self.info,
+            peak_rss_mb=round(peak_rss_mb(), 1),
         )
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MiB (Linux reports KiB, macOS bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 # ---------------------------------------------------------------------------------------------- the pool

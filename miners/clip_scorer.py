@@ -13,6 +13,7 @@ runs no model. Inference only; bf16 autocast on CUDA.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,10 @@ class ScorerConfig:
     batch_size: int = 256
     blur_radius_px: float = 6.0
     device: str = "auto"
+    # Text embeddings kept across calls (least recently used out first): a miner embeds the same
+    # strings again and again (the colour probe's variants, templated or repeated sentences). 0: off.
+    # Speed only: the model is frozen while it scores.
+    text_cache_entries: int = 0
 
 
 def model_fingerprint(model_dir: str | Path) -> str:
@@ -78,6 +83,7 @@ class ClipScorer:
             raise ValueError(f"crop_mode {self.cfg.crop_mode!r}: use one of {CROP_MODES}")
         self.model, self.processor = load_clip(model_dir, self.cfg.device)
         self.device = next(self.model.parameters()).device
+        self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.fingerprint = model_fingerprint(model_dir)
         self.size_hw = input_size_hw(self.processor)
         self.mean, self.std = normalisation(self.processor)
@@ -123,14 +129,29 @@ class ClipScorer:
         return torch.cat(out) if out else self._no_embeddings()
 
     def embed_texts(self, texts: list[str]) -> torch.Tensor:
-        """Embeddings for `texts`, computing each distinct string once (none: a 0 x E tensor)."""
+        """Embeddings for `texts`, computing each distinct string once — and, with
+        `text_cache_entries`, once across calls (none: a 0 x E tensor)."""
         if not texts:  # tokenizers fail on an empty batch (IndexError), and there is nothing to run
             return self._no_embeddings()
         unique = list(dict.fromkeys(texts))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            emb = encode_texts(self.model, self.processor, unique, self.cfg.batch_size, self.device)
-        where = {t: i for i, t in enumerate(unique)}
-        return emb[[where[t] for t in texts]]
+        cache, limit = self._text_cache, self.cfg.text_cache_entries
+        missing = [t for t in unique if t not in cache] if limit else unique
+        found: dict[str, torch.Tensor] = {}
+        if missing:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                emb = encode_texts(self.model, self.processor, missing, self.cfg.batch_size, self.device)
+            found = dict(zip(missing, emb, strict=True))
+        if not limit:
+            return torch.stack([found[t] for t in texts])
+        for t in unique:
+            if t in found:
+                cache[t] = found[t]
+            else:
+                found[t] = cache[t]
+                cache.move_to_end(t)
+        while len(cache) > limit:
+            cache.popitem(last=False)
+        return torch.stack([found[t] for t in texts])
 
     def _no_embeddings(self) -> torch.Tensor:
         """0 x E, on the model's device so it multiplies with real embeddings."""

@@ -86,6 +86,10 @@ class RSMConfig:
         return cls(**d)
 
 
+# Text embeddings a miner keeps across batches (about 33 MB at the tiny CLIP's 128 dims, 134 MB at
+# ViT-B/16's 512): the colour probe embeds ~10 variants of every colour phrase, most seen before.
+TEXT_CACHE_ENTRIES = 65_536
+
 # The stage profile's keys (MineResult.seconds), in pipeline order.
 STAGES = ("load", "regions", "sentences", "scoring", "matching", "tables")
 
@@ -112,7 +116,10 @@ class RSMMiner:
             device=None if cfg.device == "auto" else cfg.device,
             max_regions=cfg.max_regions,
         )
-        self.scorer = ClipScorer(cfg.clip_model, ScorerConfig(crop_mode=cfg.crop_mode, device=cfg.device))
+        self.scorer = ClipScorer(
+            cfg.clip_model,
+            ScorerConfig(crop_mode=cfg.crop_mode, device=cfg.device, text_cache_entries=TEXT_CACHE_ENTRIES),
+        )
         self.bank = self._load_bank()
         self.calibrator = calibrator or self._load_calibrator()
         if self.calibrator.uses_colour and not cfg.colour_probe:

@@ -135,3 +135,24 @@ def test_score_crops_matches_score(tiny_clip_dir):
     assert [len(c) for c in crops] == [3, 3]
     for a, b in zip(direct, scorer.score_crops(crops, texts, owners), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_texts_embed_alike_alone_in_a_sorted_batch_and_from_the_cache(tiny_clip_dir):
+    # encode_texts batches by token count and un-permutes; the cache returns what was computed before
+    texts = ["a man", "a woman in a long red coat with a black bag over her left shoulder", "blue jeans"]
+    plain = ClipScorer(tiny_clip_dir)
+    alone = torch.cat([plain.embed_texts([t]) for t in texts])
+    together = plain.embed_texts(texts)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=0)
+
+    cached = ClipScorer(tiny_clip_dir, ScorerConfig(text_cache_entries=2))
+    forwards = []
+    cached.model.text_model.register_forward_hook(lambda m, i, o: forwards.append(i))
+    first = cached.embed_texts(texts[:2])
+    again = cached.embed_texts(texts[:2][::-1])  # both cached: no forward
+    assert len(forwards) == 1
+    torch.testing.assert_close(again, first.flip(0), atol=0, rtol=0)
+    cached.embed_texts([texts[2]])  # a third text: the least recently used one ("a woman ...") goes
+    assert list(cached._text_cache) == ["a man", "blue jeans"]
+    torch.testing.assert_close(cached.embed_texts(texts), together, atol=1e-5, rtol=0)
+    assert len(forwards) == 3  # only the evicted text ran again
