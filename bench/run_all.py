@@ -7,11 +7,18 @@
 5. `bench/qa_scale.py` — the QA report on 1M generated pairs;
 6. `bench/audit.py` — the audit loop on the demo run: interval coverage over 100 seeded 300-label audits,
    interval width, held-out ECE of the refit calibrator;
-7. `bench/audit_ui.py` — the labelling page in headless Chromium: key press → next pair rendered (ms).
+7. `bench/audit_ui.py` — the labelling page in headless Chromium: key press → next pair rendered (ms);
+8. `bench/speed.py` — speed and scale (speedup vs a naive loop, orchestration overhead, 2-worker scaling,
+   driver scale to 1M manifest rows, real-image scale, stage profile) → bench/results.json;
+9. `bench/gpu.py` — SAM / CLIP throughput and FLOP/s fraction (real sizes on CUDA, tiny shapes on a CPU)
+   → bench/gpu.json;
+10. the real-size CPU path: random-init CLIP ViT-B/16 and SAM vit_b in their on-disk formats mined through
+   the flow CLI (pytest marker `realsize`) → bench/realsize.json (seconds per image).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -47,13 +54,24 @@ STEPS = [
         "--results",
         "bench/RESULTS.md",
     ],
+    [sys.executable, str(BENCH / "speed.py")],
+    [
+        sys.executable,
+        str(BENCH / "gpu.py"),
+        "--out",
+        str(BENCH / "gpu.json"),
+        "--results",
+        "bench/RESULTS.md",
+    ],
+    [sys.executable, "-m", "pytest", "-q", "-s", "-m", "realsize", "tests/miners/test_real_size.py"],
 ]
 
 
 def main() -> int:
+    env = os.environ | {"RSM_REALSIZE_RESULTS": str(BENCH / "realsize.json")}
     for cmd in STEPS:
         print("+", " ".join(cmd), flush=True)
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(cmd, env=env)
         if rc:
             print(f"benchmark step failed (rc {rc}): {' '.join(cmd)}", file=sys.stderr)
             return rc

@@ -7,6 +7,12 @@ tight boxes around them (storage.rle.mask_to_box_xyxy) and body-part labels from
 sam-prompted: one image embedding per image, the prior zones of that image decoded as box prompts in a
   single batch (3 masks each), the mask with the highest predicted IoU kept per prompt;
   quality = predicted IoU clipped to [0, 1]; label = the prompting zone's. Empty masks are dropped.
+  Canvas packing (`pack_images` > 1, in `propose_batch`): tall narrow pedestrian images share one
+  encoder canvas, each resized into its own column (`canvas_slots`), so one encoder pass serves several
+  images; each image's zone boxes are offset into its column, all of a canvas's prompts decode in one
+  call, and each mask is cut back out of its column and resized to its image's own size. The encoder
+  sees its neighbours (global attention, absolute position embeddings), so packed masks approximate
+  the unpacked ones (tests/miners/test_sam_packing.py measures by how much).
 sam-auto: `SamAutomaticMaskGenerator` with pedestrian-sized settings, then area filters, duplicate
   removal (mask IoU > dedup_mask_iou keeps the better one) and the best `max_regions`;
   quality = clip(predicted IoU) x stability score (both in [0, 1]: a mask must be both confident and
@@ -138,12 +144,55 @@ def load_sam(checkpoint: str | Path, model_type: str = "vit_b", device: str | No
     return model.to(resolve_device(device)).eval()
 
 
+@dataclass(frozen=True)
+class CanvasSlot:
+    """Where one image lies in a packed encoder canvas (all in canvas pixels)."""
+
+    canvas: int  # index of the canvas in the batch
+    x0_px: int  # left edge of the image's column; the image is top-aligned in it
+    resized_hw: tuple[int, int]  # the image's size once resized into the column
+
+
+def canvas_slots(
+    sizes_hw: list[tuple[int, int]], canvas_px: int, per_canvas: int, align_px: int = SAM_PATCH_PX
+) -> list[CanvasSlot]:
+    """Pack images of `sizes_hw` (H, W) into square canvases of `canvas_px`, `per_canvas` to a canvas.
+
+    Image i goes to canvas i // per_canvas, column i % per_canvas, left to right. Columns are
+    canvas_px // per_canvas wide, rounded down to a multiple of `align_px` (the encoder's patch) so that
+    every image starts on a patch boundary and is cut into patches as it is alone; each image is resized,
+    aspect kept, to the largest size that fits its column. per_canvas=1 gives SAM's own
+    ResizeLongestSide geometry (longest side = canvas_px).
+    """
+    if per_canvas < 1:
+        raise ValueError(f"per_canvas must be >= 1, got {per_canvas}")
+    col_w = canvas_px if per_canvas == 1 else (canvas_px // per_canvas) // align_px * align_px
+    if col_w < 1:
+        raise ValueError(
+            f"{per_canvas} columns of {align_px}-pixel patches do not fit a {canvas_px}-pixel canvas"
+        )
+    slots = []
+    for i, (h, w) in enumerate(sizes_hw):
+        scale = min(canvas_px / h, col_w / w)
+        new_hw = (min(canvas_px, max(1, int(h * scale + 0.5))), min(col_w, max(1, int(w * scale + 0.5))))
+        slots.append(CanvasSlot(canvas=i // per_canvas, x0_px=(i % per_canvas) * col_w, resized_hw=new_hw))
+    return slots
+
+
 @dataclass
 class SamPromptedConfig:
     prior: PriorConfig = field(default_factory=PriorConfig)  # zones used as box prompts
     max_regions: int = 8
     multimask_output: bool = True  # 3 candidates per prompt, the best by predicted IoU kept
-    encoder_batch_size: int = 8  # images per image-encoder call in propose_batch
+    encoder_batch_size: int = 8  # canvases (= images when unpacked) per image-encoder call in propose_batch
+    # Images per encoder canvas in propose_batch, side by side in columns (1: one image per canvas, SAM's
+    # own layout). Three 384 x 128 pedestrians fill a 1024 x 1024 canvas at 1008 x 336 each; packing
+    # trades exactness (neighbours share attention) and, past the aspect that fits, resolution for speed.
+    pack_images: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pack_images, int) or self.pack_images < 1:
+            raise ValueError(f"pack_images must be an integer >= 1, got {self.pack_images!r}")
 
 
 class SamPromptedProposer(RegionProposer):
@@ -167,10 +216,13 @@ class SamPromptedProposer(RegionProposer):
         return regions
 
     def propose_batch(self, images: list[np.ndarray]) -> list[Regions]:
-        """Like `propose` per image, but the image encoder sees `encoder_batch_size` images per call."""
+        """Like `propose` per image, but the image encoder sees `encoder_batch_size` images per call
+        (canvases of `pack_images` images each when packing, see `propose_packed`)."""
         torch, _ = _import_sam()
         for image in images:
             check_image_rgb(image)
+        if self.config.pack_images > 1:
+            return self.propose_packed(images, self.config.pack_images)
         out: list[Regions] = []
         step = max(1, self.config.encoder_batch_size)
         with torch.inference_mode():
@@ -196,11 +248,117 @@ class SamPromptedProposer(RegionProposer):
         resized = self.predictor.transform.apply_image(image_rgb)
         return torch.as_tensor(resized, device=self.predictor.device).permute(2, 0, 1).contiguous()[None]
 
+    def propose_packed(self, images: list[np.ndarray], per_canvas: int) -> list[Regions]:
+        """One `Regions` per image, `per_canvas` images packed into each encoder canvas (`canvas_slots`).
+
+        Per canvas: one encoder pass (`encoder_batch_size` canvases per call), all its images' zone
+        boxes decoded in one call, each best mask upscaled to the canvas as SAM's postprocess does, cut
+        out of its column and resized to its image's size. per_canvas=1 reproduces `propose_batch`'s
+        unpacked output up to the resize (here on the model's device, there SamPredictor's PIL resize:
+        pixel values at most 1 level apart; tests/miners/test_sam_packing.py measures the effect).
+        """
+        torch, _ = _import_sam()
+        for image in images:
+            check_image_rgb(image)
+        canvas_px = self.model.image_encoder.img_size
+        slots = canvas_slots([im.shape[:2] for im in images], canvas_px, per_canvas)
+        n_canvases = slots[-1].canvas + 1 if slots else 0
+        members: list[list[int]] = [[] for _ in range(n_canvases)]
+        for i, slot in enumerate(slots):
+            members[slot.canvas].append(i)
+        out: list[Regions | None] = [None] * len(images)
+        step = max(1, self.config.encoder_batch_size)
+        with torch.inference_mode():
+            for start in range(0, n_canvases, step):
+                chunk = members[start : start + step]
+                canvases = torch.cat(
+                    [self._canvas([images[i] for i in m], [slots[i] for i in m]) for m in chunk]
+                )
+                features = self.model.image_encoder(canvases)
+                for c, idx in enumerate(chunk):
+                    decoded = self._decode_canvas(
+                        features[c : c + 1], [images[i] for i in idx], [slots[i] for i in idx]
+                    )
+                    for i, regions in zip(idx, decoded, strict=True):
+                        out[i] = regions
+        return [r if r is not None else Regions.empty(self.name) for r in out]
+
+    def _canvas(self, images: list[np.ndarray], slots: list[CanvasSlot]):
+        """1 x 3 x S x S normalised canvas: each image resized into its column, zeros (the pixel mean,
+        as SAM's own padding) elsewhere."""
+        torch, _ = _import_sam()
+        import torch.nn.functional as F
+
+        size = self.model.image_encoder.img_size
+        device = self.predictor.device
+        canvas = torch.zeros((1, 3, size, size), dtype=torch.float32, device=device)
+        mean, std = self.model.pixel_mean.float(), self.model.pixel_std.float()
+        for image, slot in zip(images, slots, strict=True):
+            h, w = slot.resized_hw
+            # Resized on the model's device (SAM's apply_image_torch convention, rounded to uint8 levels as
+            # a PIL resize is): a PIL resize of a pedestrian to 1008 x 336 costs ~6 ms of host time.
+            pixels = torch.as_tensor(image, device=device).permute(2, 0, 1)[None].float()
+            resized = F.interpolate(pixels, (h, w), mode="bilinear", align_corners=False, antialias=True)
+            resized = resized.round_().clamp_(0, 255)[0]
+            canvas[0, :, :h, slot.x0_px : slot.x0_px + w] = (resized - mean) / std
+        return canvas
+
+    def _decode_canvas(self, features, images: list[np.ndarray], slots: list[CanvasSlot]) -> list[Regions]:
+        """Decode every image's zone boxes (offset into its column) against one canvas embedding."""
+        torch, _ = _import_sam()
+        import torch.nn.functional as F
+
+        prompts = [self._zone_prompts(image) for image in images]
+        boxes, owner = [], []
+        for k, ((zone_boxes, _), image, slot) in enumerate(zip(prompts, images, slots, strict=True)):
+            if len(zone_boxes) == 0:
+                continue
+            (h, w), (nh, nw) = image.shape[:2], slot.resized_hw
+            scaled = np.asarray(zone_boxes, dtype=np.float64) * np.array([nw / w, nh / h, nw / w, nh / h])
+            boxes.append(scaled + np.array([slot.x0_px, 0, slot.x0_px, 0]))
+            owner += [k] * len(zone_boxes)
+        if not boxes:
+            return [Regions.empty(self.name) for _ in images]
+        boxes_t = torch.as_tensor(np.concatenate(boxes), dtype=torch.float32, device=self.predictor.device)
+        sparse, dense = self.model.prompt_encoder(points=None, boxes=boxes_t, masks=None)
+        low_res, iou_preds = self.model.mask_decoder(
+            image_embeddings=features,
+            image_pe=self.model.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=self.config.multimask_output,
+        )
+        best = iou_preds.argmax(dim=1)
+        rows = torch.arange(len(best), device=best.device)
+        size = self.model.image_encoder.img_size
+        # Upscale to the canvas first, then cut out, as Sam.postprocess_masks does with its padding.
+        canvas_logits = F.interpolate(
+            low_res[rows, best][:, None], (size, size), mode="bilinear", align_corners=False
+        )
+        best_iou = iou_preds[rows, best].float().cpu().numpy()
+        owner_arr = np.array(owner)
+        out = []
+        for k, (image, slot) in enumerate(zip(images, slots, strict=True)):
+            sel = np.flatnonzero(owner_arr == k)
+            if len(sel) == 0:
+                out.append(Regions.empty(self.name))
+                continue
+            (nh, nw), x0 = slot.resized_hw, slot.x0_px
+            cut = canvas_logits[torch.as_tensor(sel, device=canvas_logits.device), :, :nh, x0 : x0 + nw]
+            logits = F.interpolate(cut, image.shape[:2], mode="bilinear", align_corners=False)
+            masks = (logits[:, 0] > self.model.mask_threshold).cpu().numpy()
+            out.append(self._regions(masks, best_iou[sel], prompts[k][1]))
+        return out
+
+    def _zone_prompts(self, image_rgb: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        """The image's prior zones: (Z x 4 XYXY boxes in its pixels, Z labels)."""
+        extent = estimate_person_extent(image_rgb, self.config.prior)
+        return prior_zones(extent.box_xyxy, image_rgb.shape[:2], self.config.prior.zones)
+
     def _decode_zones(self, image_rgb: np.ndarray) -> Regions:
         """Decode the image's prior zones as box prompts against the predictor's current embedding."""
         torch, _ = _import_sam()
-        extent = estimate_person_extent(image_rgb, self.config.prior)
-        zone_boxes, zone_labels = prior_zones(extent.box_xyxy, image_rgb.shape[:2], self.config.prior.zones)
+        zone_boxes, zone_labels = self._zone_prompts(image_rgb)
         if len(zone_boxes) == 0:
             return Regions.empty(self.name)
         boxes_t = torch.as_tensor(zone_boxes, dtype=torch.float32, device=self.predictor.device)
@@ -212,7 +370,10 @@ class SamPromptedProposer(RegionProposer):
         rows = torch.arange(len(best), device=best.device)
         best_masks = masks[rows, best].cpu().numpy()
         best_iou = iou_preds[rows, best].float().cpu().numpy()
+        return self._regions(best_masks, best_iou, zone_labels)
 
+    def _regions(self, best_masks: np.ndarray, best_iou: np.ndarray, zone_labels: list[str]) -> Regions:
+        """Regions from each prompt's best mask (Z x H x W bool) and predicted IoU (Z), in zone order."""
         # Tight boxes from the masks; a prompt whose mask came out empty gives no region.
         boxes, kept_masks, labels, quality = [], [], [], []
         for mask, iou, label in zip(best_masks, best_iou, zone_labels, strict=True):
