@@ -7,7 +7,10 @@ at a time — decode, `prior` regions, crops — then one CLIP forward per crop 
 sentence, each colour variant of the colour probe; no batching, no de-duplication of repeated texts),
 the library's matcher, bank features and calibrator, one dict per pair and `Table.from_pylist` at the
 end. The models come from an `RSMMiner` (so the settings are the flow's defaults); none of its batched
-paths are used. It runs in one process with all the machine's cores for torch.
+paths are used. One process, `--threads` torch threads (default 1: its forwards are single crops and
+single sentences, too small to split across cores; with 2 threads on a 2-core machine that is also
+running anything else, each forward waits at OpenMP barriers for a descheduled thread and the loop ran
+10x slower — a figure about the machine, not the loop).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -88,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clip-model", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--limit-images", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
 
     t0 = time.perf_counter()
     table = read_sorted_manifest(args.manifest)

@@ -354,12 +354,30 @@ def begin_run(out_dir: str | Path, plan: RunPlan) -> list[int]:
     return pending_shards(out, plan)
 
 
+# run id of OUT/_run.json by (path, inode, mtime, size): every commit checks it, and parsing the whole
+# plan (one entry per shard) each time made a run's commits quadratic in its shard count (40 ms a
+# commit at 3,907 shards against 24 ms at 40). A rewritten or replaced file has another key.
+_RUN_ID_CACHE: dict[tuple[str, int, int, int], str] = {}
+
+
+def _stored_run_id(out: Path) -> str:
+    path = out / RUN_FILE
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return load_run_plan(out).run_id  # raises the "not a run folder" error
+    key = (str(path.resolve()), st.st_ino, st.st_mtime_ns, st.st_size)
+    if key not in _RUN_ID_CACHE:
+        if len(_RUN_ID_CACHE) > 64:
+            _RUN_ID_CACHE.clear()
+        _RUN_ID_CACHE[key] = load_run_plan(out).run_id
+    return _RUN_ID_CACHE[key]
+
+
 def _require_run(out: Path, plan: RunPlan) -> None:
-    stored = load_run_plan(out)
-    if stored.run_id != plan.run_id:
-        raise RunConflictError(
-            f"{out} holds run {stored.run_id}, not {plan.run_id}: call begin_run with this plan"
-        )
+    stored = _stored_run_id(out)
+    if stored != plan.run_id:
+        raise RunConflictError(f"{out} holds run {stored}, not {plan.run_id}: call begin_run with this plan")
 
 
 def read_committed(

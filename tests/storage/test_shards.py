@@ -268,3 +268,20 @@ def test_resume_lists_pending_shards(run: tuple[Path, RunPlan, Path]) -> None:
         *plan.rows_for(3).column("sample_id").to_pylist(),
     }
     assert read_status(out, allow_partial=True).num_rows == plan.shards[0].n_rows + plan.shards[3].n_rows
+
+
+def test_a_folder_taken_over_by_another_run_refuses_the_old_plans_commits(
+    run: tuple[Path, RunPlan, Path],
+) -> None:
+    # commit_shard remembers the folder's run id by its _run.json's identity (inode, mtime, size);
+    # a folder removed and begun again by another run must not pass for the old run.
+    import shutil
+
+    manifest, plan, out = run
+    commit_shard(out, plan, 0, *fake_outputs(plan.rows_for(0)))  # the run id is now remembered
+    other = plan_shards(manifest, 4, CONFIG)
+    shutil.rmtree(out)
+    begin_run(out, other)
+    with pytest.raises(RunConflictError, match=f"holds run {other.run_id}, not {plan.run_id}"):
+        commit_shard(out, plan, 1, *fake_outputs(plan.rows_for(1)))
+    assert commit_shard(out, other, 0, *fake_outputs(other.rows_for(0))).committed
