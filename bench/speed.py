@@ -51,6 +51,8 @@ from flows.env import apply_offline_defaults  # noqa: E402
 
 apply_offline_defaults()
 
+from qa_scale import _manifest, peak_rss_mb  # noqa: E402  (bench/qa_scale.py: synthetic manifest, VmHWM)
+
 from storage.plan import plan_shards, read_sorted_manifest  # noqa: E402
 
 SEED = 23  # held out: no model, calibrator or threshold was fitted on it
@@ -69,13 +71,6 @@ ENV = os.environ | {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 
 def log(msg: str) -> None:
     print(f"[speed {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def timed(cmd: list[str], what: str) -> tuple[float, str]:
@@ -229,8 +224,6 @@ def prior_ms_per_image(manifest: Path, n: int = 400) -> float:
 def driver_scale_run(n_rows: int, work: str, sample_shards: int) -> int:
     """As `--driver-scale-run`: plan a synthetic manifest of n_rows, then dispatch + commit
     `sample_shards` shards spread over it with a tiny worker's output; prints one JSON line."""
-    from qa_scale import _manifest  # bench/qa_scale.py: a synthetic manifest of n captions
-
     from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA
     from storage.shards import begin_run, commit_shard
 
