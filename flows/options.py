@@ -15,7 +15,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from miners.clip_scorer import CROP_MODES
+from miners.clip_scorer import CROP_MODES, clip_folder_problem
 from miners.matching import MATCH_MODES, MatchConfig
 from miners.regions import PROPOSER_NAMES
 from miners.rsm import RSMConfig
@@ -173,11 +173,8 @@ def preflight(p: MineParams) -> list[str]:
     problems = []
     if p.clip_model is None:
         problems.append(f"no CLIP model given: {_fix('clip_model', 'DIR')}; {CLIP_MODEL_HINT}")
-    elif not (Path(p.clip_model) / "config.json").is_file():
-        problems.append(
-            f"{Path(p.clip_model).resolve()}: not a CLIP model folder (no config.json); {_fix('clip_model', 'DIR')} "
-            "(README: Using real checkpoints)"
-        )
+    elif clip_problem := clip_folder_problem(Path(p.clip_model).resolve()):
+        problems.append(f"{clip_problem}; {_fix('clip_model', 'DIR')} (README: Using real checkpoints)")
     if not Path(p.manifest).is_file():
         problems.append(
             f"manifest {p.manifest} does not exist; build it with `python -m storage.manifest` "

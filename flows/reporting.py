@@ -168,6 +168,13 @@ def failure_message(summary: dict[str, Any]) -> str:
     )
 
 
+def _speed(summary: dict[str, Any], unit: str = "") -> str:
+    """images/s of this run's mining, or why there is none (a resumed run that found every shard
+    committed mined nothing: "None images/s" told nobody that)."""
+    ips = summary.get("images_per_s")
+    return "nothing left to mine (already committed)" if ips is None else f"{ips}{unit}"
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     state = "complete" if summary["finalized"] else "INCOMPLETE"
     kinds = "".join(f"| {k} | {n} |\n" for k, n in summary["status_counts"].items()) or "| - | 0 |\n"
@@ -181,7 +188,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"| manifest rows | {summary['manifest_rows']} |\n"
         f"| ok rows / rows with mining errors | {summary['ok_rows']} / {summary['mining_error_rows']} |\n"
         f"| pairs / kept | {summary['pairs']} / {summary['kept_pairs']} |\n"
-        f"| images/s (this run) | {summary['images_per_s']} |\n"
+        f"| images/s (this run) | {_speed(summary)} |\n"
         f"| wall s (Ray start, workers start, fan-out) | {summary['wall_s']} ({summary['ray_start_s']}, "
         f"{summary['workers_start_s']}, {summary['fanout_s']}) |\n"
         f"| workers | {summary['pool']} |\n\n"
@@ -233,11 +240,7 @@ class LogReporter(Reporter):
             self.log.error(f"shard {event.shard_id} FAILED after {event.attempt} attempts: {event.error}")
 
     def on_summary(self, summary: dict[str, Any]) -> None:
-        speed = (
-            f"{summary['images_per_s']} images/s"
-            if summary["images_per_s"] is not None
-            else "nothing left to mine"
-        )
+        speed = _speed(summary, unit=" images/s")
         self.log.info(
             f"{summary['shards_committed']}/{summary['n_shards']} shards committed, {summary['pairs']} pairs "
             f"({summary['kept_pairs']} kept), {speed}, wall {summary['wall_s']}s"

@@ -58,14 +58,26 @@ def model_fingerprint(model_dir: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
+def clip_folder_problem(model_dir: str | Path) -> str | None:
+    """Why `model_dir` is not a loadable CLIP folder, or None: the one wording every command uses
+    (the caller adds the flag or parameter that fixes it)."""
+    model_dir = Path(model_dir)
+    if not model_dir.exists():
+        return f"CLIP model folder {model_dir} does not exist"
+    if not (model_dir / "config.json").is_file():
+        return f"{model_dir}: not a CLIP model folder (no config.json)"
+    return None
+
+
 def load_clip(model_dir: str | Path, device: str = "auto"):
     """(model, processor) from a local folder; nothing is fetched from a hub."""
     from transformers import AutoProcessor, CLIPModel
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
+    problem = clip_folder_problem(model_dir)
+    if problem:
         raise FileNotFoundError(
-            f"{model_dir}: not a CLIP model folder (no config.json); build one with "
+            f"{problem}; build one with "
             "`python -m miners.training.bootstrap` or save a real CLIP there with save_pretrained"
         )
     from transformers.utils import logging as hf_logging
@@ -152,6 +164,10 @@ class ClipScorer:
         while len(cache) > limit:
             cache.popitem(last=False)
         return torch.stack([found[t] for t in texts])
+
+    def clear_text_cache(self) -> None:
+        """Forget every cached text embedding (what `embed_texts` returns next depends on its input alone)."""
+        self._text_cache.clear()
 
     def _no_embeddings(self) -> torch.Tensor:
         """0 x E, on the model's device so it multiplies with real embeddings."""

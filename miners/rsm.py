@@ -86,11 +86,13 @@ class RSMConfig:
         return cls(**d)
 
 
-# Text embeddings a miner keeps across batches: OFF. A cache makes a shard's floats depend on what
-# the worker mined before (an embedding computed in another batch differs in the last bits), which
-# breaks the byte-identical re-mining the fault tests hold the runs to (tests/flows/test_chaos.py).
-# A per-shard cache would keep both; not built yet.
-TEXT_CACHE_ENTRIES = 0
+# Text embeddings a miner keeps across the batches of ONE `mine` call (one shard), then forgets. The
+# colour probe's variants ("a red top", "a blue top", ...) recur in most captions, so the cache saves
+# most of the text pass. It is emptied at the start of every call because a cache kept across shards
+# makes a shard's floats depend on what the worker mined before (an embedding computed in another
+# batch differs in the last bits), which would break the byte-identical re-mining the fault tests hold
+# runs to (tests/flows/test_chaos.py). 65,536 entries of 512 float32 are at most 134 MB.
+TEXT_CACHE_ENTRIES = 65_536
 
 # The stage profile's keys (MineResult.seconds), in pipeline order.
 STAGES = ("load", "regions", "sentences", "scoring", "matching", "tables")
@@ -162,6 +164,7 @@ class RSMMiner:
         (proposer, mask RLE), sentences (caption split), scoring (crops, CLIP forwards), matching
         (matcher, bank, colour probe, calibrator) and tables (the pairs and status columns)."""
         root = Path(root)
+        self.scorer.clear_text_cache()  # a shard's bytes depend on the shard alone (see TEXT_CACHE_ENTRIES)
         pair_blocks: list[dict[str, list | np.ndarray]] = []
         status_parts = []
         seconds: dict[str, float] = dict.fromkeys(STAGES, 0.0)

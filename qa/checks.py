@@ -206,10 +206,14 @@ def check_duplicates(files: list[tuple[int, Path]]) -> CheckResult:
         across = _collect(_repeated_keys(pairs.filter(sample_hash.is_in(shared.implode()))))
         dup = pl.concat([dup.filter(~sample_hash.is_in(shared.implode())), across], how="vertical_relaxed")
     n_keys, extra = dup.height, int((dup["n"] - 1).sum()) if dup.height else 0
+    n_rows = int(_collect(pairs.select(pl.len()))[0, 0])  # from the footers: what was checked
     return CheckResult(
         "duplicate_keys",
         n_keys == 0,
-        f"{extra} duplicate pair row(s) over {n_keys} key(s) {tuple(keys)}",
+        # (before: "0 duplicate pair row(s) over 0 key(s)" read as if no key had been checked)
+        f"no key {tuple(keys)} repeats among {n_rows} pair row(s)"
+        if n_keys == 0
+        else f"{n_keys} key(s) {tuple(keys)} repeat: {extra} extra pair row(s) among {n_rows}",
         {
             "count": extra,
             "duplicated_keys": n_keys,

@@ -91,6 +91,7 @@ def build_report(
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
     pairs_dir, out = Path(pairs_dir), Path(out_dir)
+    plan = load_run_plan(pairs_dir)  # first: a --pairs that is no run is the mistake to report
     if out.resolve() == pairs_dir.resolve() or pairs_dir.resolve() in out.resolve().parents:
         raise ValueError(
             f"--out {out} lies inside the run folder {pairs_dir}: its files would be strays there"
@@ -103,7 +104,6 @@ def build_report(
             f"mixture_score {cfg.mixture_score!r} must be a pairs column and mixture_kind "
             f"{cfg.mixture_kind!r} one of {MIXTURE_KINDS}"
         )
-    plan = load_run_plan(pairs_dir)
     try:
         run_cfg: RunConfig | None = read_run_config(pairs_dir)
     except RunConfigError:

@@ -105,7 +105,7 @@ def verdict(qa: dict[str, Any], calibrator: dict[str, Any] | None) -> dict[str, 
         return {"trust": "audit.noise_rate_kept", "why": why, "calibrator": calibrator}
     if calibrator and calibrator["calibrated"]:
         why = (
-            f"No ground truth. Read mean(1 − reliability) ({qa.get('noise_rate_estimated')}): the calibrator "
+            f"No ground truth. Read mean(1 − reliability) ({_fmt(qa.get('noise_rate_estimated'))}): the calibrator "
             f"was fitted on labels ({calibrator['samples']} captions of {calibrator['fitted_on']}), so it is "
             "a calibrated estimate for data like those — a different dataset, proposer or caption style needs "
             "an audit of a sample (or a refit on labelled data) before its number is taken at face value. The "

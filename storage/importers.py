@@ -109,10 +109,17 @@ def format_hints(root: Path, fmt: str, records: list[Any] | None = None) -> list
         best = max((f for f in FORMATS.values() if f.name != fmt), key=fit)
         if fit(best) > fit(current) and fit(best) > 0.5:
             keys = sorted({k for r in dicts for k in r})[:8]
-            hints.append(
+            shape = (
                 f"the records look like {best.name} (fields {', '.join(keys)}; {fmt} reads the image path "
-                f"from {current.path_field!r} and splits {'/'.join(current.splits)}): try --format {best.name}"
+                f"from {current.path_field!r} and splits {'/'.join(current.splits)})"
             )
+            if (root / best.annotation_file).is_file():
+                hints.append(f"{shape}: try --format {best.name}")
+            else:  # --format best would only ask for its own file name: say both ways out
+                hints.append(
+                    f"{shape}: if they are {fmt} records, rename their fields to {fmt}'s; if the file is "
+                    f"{best.name}'s, rename it to {best.annotation_file} and try --format {best.name}"
+                )
     return hints
 
 

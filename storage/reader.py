@@ -31,6 +31,7 @@ from storage.shards import (
     check_file,
     committed_records,
     load_run_plan,
+    not_a_run_message,
 )
 
 
@@ -49,8 +50,10 @@ def read_run_manifest(out_dir: str | Path, allow_partial: bool = False) -> dict[
         hint = (
             f"{out / RUN_FILE} exists, so shards may be partly committed; pass allow_partial=True to read them"
             if (out / RUN_FILE).is_file()
-            else f"{out} is not a run folder"
+            else None
         )
+        if hint is None:
+            raise RunNotFinalizedError(not_a_run_message(out))
         raise RunNotFinalizedError(f"run not finalized: {success} is missing ({hint})")
     plan = load_run_plan(out)
     return build_run_manifest(plan, committed_records(out, plan), finalized=False)

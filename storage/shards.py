@@ -279,13 +279,23 @@ def _load_json(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- run lifecycle
 
 
+def not_a_run_message(out_dir: str | Path) -> str:
+    """Why `out_dir` cannot be read as a mining run, in the user's terms (it is missing, a file, or a
+    folder without OUT/_run.json), ending in what to pass instead."""
+    out = Path(out_dir)
+    fix = "pass the --out folder of a `python -m flows.mine_rsm` run"
+    if not out.exists():
+        return f"{out} does not exist: {fix}"
+    if not out.is_dir():
+        return f"{out} is a file, not a mining run folder: {fix}"
+    return f"{out} is not a mining run folder (it has no {RUN_FILE}): {fix}"
+
+
 def load_run_plan(out_dir: str | Path) -> RunPlan:
     """The plan stored in OUT/_run.json by begin_run."""
     path = Path(out_dir) / RUN_FILE
     if not path.is_file():
-        raise ShardStoreError(
-            f"{path} is missing: {out_dir} is not a run folder (begin_run was never called)"
-        )
+        raise ShardStoreError(not_a_run_message(out_dir))
     return RunPlan.from_dict(_load_json(path)["plan"])
 
 

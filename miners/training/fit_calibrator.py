@@ -122,12 +122,24 @@ def fit_on_manifest(
     `text_noise` known-wrong units (`noisy_pairs`; 0 for none), fit. The report's figures are on the
     clean pairs only."""
     table, meta = read_manifest(manifest_path)
+    if pc.sum(pc.is_valid(table["gt_links"])).as_py() in (None, 0):
+        raise ValueError(
+            f"{manifest_path} ({meta.get('format') or 'unknown format'}) holds no region ground truth: the "
+            "calibrator is fitted on ground-truth region-sentence links, which only a pvlg manifest (the "
+            "synthetic benchmark's, `python -m storage.manifest --format pvlg`) has. For your own data, "
+            "use the calibrator of a model fitted on such a manifest (`--calibrator` on the flow), or "
+            "refit it on hand labels with `python -m qa.audit` (README, 'Auditing a sample by hand')"
+        )
     if split:
         table = table.filter(pc.equal(table["split"], split))
     table = table.filter(pc.is_valid(table["gt_links"]))
-    table = first_images(table, max_images)
     if table.num_rows == 0:
-        raise ValueError(f"{manifest_path}: no rows with ground truth in split {split!r}")
+        splits = sorted(set(read_manifest(manifest_path)[0]["split"].to_pylist()))
+        raise ValueError(
+            f"{manifest_path}: no rows with ground truth in split {split!r} (its splits: "
+            f"{', '.join(map(str, splits))}; --split '' fits on all)"
+        )
+    table = first_images(table, max_images)
     miner = RSMMiner(cfg, calibrator=default_calibrator(cfg.match.mode))
     result = miner.mine(table, meta["root"])
     has_truth, groundable, correct = judge_pairs(result.pairs, table)

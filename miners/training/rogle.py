@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from miners.clip_scorer import load_clip
+from miners.clip_scorer import clip_folder_problem, load_clip
 from miners.run_config import read_committed_run
 from miners.training.data import build_clip_data
 from miners.training.trainer import TrainConfig, Trainer
@@ -94,6 +94,14 @@ def claim_run_dir(out: Path | None, resume: bool, overwrite: bool) -> tuple[Path
     if out.exists() and not out.is_dir():
         return None, f"--out {out} is a file, not a run folder"
     holds_run = out.is_dir() and any(out.iterdir())
+    # Someone's folder, not a run: refused even with --overwrite, which would delete it
+    if holds_run and not (out / "run_args.json").is_file():
+        names = sorted(p.name for p in out.iterdir())
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return None, (
+            f"--out {out} is not empty ({shown}) and is not a training run folder (no run_args.json); "
+            "pass an empty or new --out (without --out every run gets a new folder under outputs/train/)"
+        )
     if holds_run and not (resume or overwrite):
         return None, (
             f"--out {out} already holds a training run; pass --resume to continue it, --overwrite to replace "
@@ -118,9 +126,10 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(
             f"manifest {manifest_path} not found" + ("" if args.manifest else " (pass --manifest)")
         )
-    if not (init / "config.json").is_file():
+    clip_problem = clip_folder_problem(init)
+    if clip_problem:
         hint = "" if args.init else " (pass --init)"
-        problems.append(f"{init}: not a CLIP model folder (no config.json){hint}")
+        problems.append(f"{clip_problem}{hint}")
     out, refused = (None, None) if problems else claim_run_dir(args.out, args.resume, args.overwrite)
     if refused:
         problems.append(refused)

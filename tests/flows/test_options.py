@@ -58,7 +58,9 @@ def test_preflight_reports_every_problem_at_once_with_its_fix(tmp_path):
     assert len(problems) == 4 and str(info.value).startswith("4 problems before mining: (1) ")
     clip, manifest, sam, calibrator = problems
     assert (
-        "not a CLIP model folder" in clip and "--param clip_model=DIR" in clip and "--clip-model DIR" in clip
+        f"CLIP model folder {tmp_path / 'nope'} does not exist" in clip
+        and "--param clip_model=DIR" in clip
+        and "--clip-model DIR" in clip
     )
     assert "python -m storage.manifest" in manifest
     assert "--param sam_checkpoint=PATH" in sam and "cal.json does not exist" in calibrator

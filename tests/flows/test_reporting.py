@@ -61,3 +61,30 @@ def test_qa_headline_keeps_only_the_headline_keys():
     head = qa_headline(qa)
     assert head["pairs_total"] == 10 and head["ece"] == 0.02 and head["noise_rate_true"] is None
     assert "histograms" not in head
+
+
+def test_a_run_that_mined_nothing_says_so_in_the_artifact_and_the_flow_log():
+    """A deployment run on a finished `out` logged "None images/s" (docs/walkthrough.md, finding 11)."""
+    import logging
+
+    from flows.reporting import LogReporter
+
+    done = _summary(images_per_s=None, shards_mined_now=0)
+    md = summary_markdown(done)
+    assert "| images/s (this run) | nothing left to mine (already committed) |" in md and "None" not in md
+    records: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    log = logging.getLogger("test-reporting-summary")
+    log.addHandler(Collect())
+    log.setLevel(logging.INFO)
+    LogReporter(log).on_summary(done)
+    assert any("nothing left to mine" in r for r in records) and not any(
+        "None images/s" in r for r in records
+    )
+    records.clear()
+    LogReporter(log).on_summary(_summary())
+    assert any("12.5 images/s" in r for r in records)

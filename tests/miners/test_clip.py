@@ -83,8 +83,11 @@ def test_box_patch_weights_select_patches_inside():
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="not a CLIP model folder"):
+    # A folder that is not there says so (before: "not a CLIP model folder (no config.json)" for it too)
+    with pytest.raises(FileNotFoundError, match="CLIP model folder .*nope does not exist; build one"):
         load_clip(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="not a CLIP model folder \\(no config.json\\)"):
+        load_clip(tmp_path)
 
 
 def test_fingerprint_ignores_what_we_write_beside_the_model(tiny_clip_dir, tmp_path):

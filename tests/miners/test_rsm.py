@@ -227,3 +227,20 @@ def test_fifos_and_directories_are_named_not_missing(miner, tiny_dataset, tmp_pa
             assert s["status"] == "not_a_regular_file" and what in s["error_message"]
         else:
             assert s["status"] == "ok"
+
+
+def test_a_shard_mines_to_the_same_bytes_whatever_the_worker_mined_before(tiny_clip_dir, tiny_dataset):
+    """The text cache lives for one `mine` call: a re-mined shard (another worker, after a fault) must
+    equal the first attempt byte for byte, so the worker's history may not leak into it."""
+    table, meta = read_manifest(tiny_dataset / "manifest.parquet")
+    rows = _first_images(table, 12)
+    first = pa.Table.from_pylist(rows[: len(rows) // 2], schema=table.schema)
+    second = pa.Table.from_pylist(rows[len(rows) // 2 :], schema=table.schema)
+    cfg = RSMConfig(clip_model=str(tiny_clip_dir), images_per_batch=2)
+    fresh = RSMMiner(cfg).mine(second, meta["root"])
+    used = RSMMiner(cfg)
+    used.mine(first, meta["root"])
+    assert len(used.scorer._text_cache) > 0  # the cache was in use, so this test can see a leak
+    after = used.mine(second, meta["root"])
+    assert fresh.pairs.num_rows > 0
+    assert after.pairs.equals(fresh.pairs) and after.status.equals(fresh.status)

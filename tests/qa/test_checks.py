@@ -129,6 +129,10 @@ def test_clean_run_passes_every_check(tmp_path):
     assert d["error_reasons"]["by_status"] == {"corrupt_image": 1, "ok": 3}
     assert d["pairs_vs_status"]["pairs_rows"] == 3 * UNITS
     assert [sid for sid, _ in report.pairs_files] == [0, 1]
+    # Says what was checked (before: "0 duplicate pair row(s) over 0 key(s)", as if no key had been)
+    assert d["duplicate_keys"]["summary"] == (
+        f"no key ('sample_id', 'sentence_index', 'region_id') repeats among {3 * UNITS} pair row(s)"
+    )
 
 
 def test_orphan_files_in_the_run_folder_are_flagged(tmp_path):
@@ -158,6 +162,9 @@ def test_planted_duplicates_are_counted_exactly(tmp_path):
     dup = report.details()["duplicate_keys"]
     assert report.verdicts()["duplicate_keys"] == "fail"
     assert dup["count"] == 5 and dup["duplicated_keys"] == 3
+    rows = 3 * UNITS + 5
+    assert dup["summary"].startswith("3 key(s) ('sample_id', 'sentence_index', 'region_id') repeat: 5 extra")
+    assert dup["summary"].endswith(f"among {rows}")
     assert dup["samples_in_several_shards"] == 1
     assert sorted(e["n"] for e in dup["examples"]) == [2, 2, 4]
     # Rewriting a committed file is also caught by the hash/row-count check, naming the file

@@ -207,10 +207,20 @@ def test_cli_on_a_mined_run_writes_every_output(mined_run, tmp_path):
     assert pngs and all(name in md for name in pngs)
 
 
-def test_report_refuses_bad_inputs(mined_run, tmp_path):
+def test_report_refuses_bad_inputs(mined_run, tmp_path, capsys):
     assert main(["--pairs", str(tmp_path / "nope"), "--out", str(tmp_path / "qa")]) == 2
+    assert f"error: {tmp_path / 'nope'} does not exist: pass the --out folder" in capsys.readouterr().err
     with pytest.raises(ValueError, match="inside the run folder"):
         build_report(mined_run, mined_run / "qa")
+    # A dataset root passed as --pairs, with --out inside it: the --pairs mistake is the one named
+    # (before: "--out ... lies inside the run folder", calling a non-run a run folder)
+    dataset = tmp_path / "cuhk-pedes"
+    dataset.mkdir()
+    (dataset / "reid_raw.json").write_text("[]")
+    assert main(["--pairs", str(dataset), "--out", str(dataset / "qa2")]) == 2
+    err = capsys.readouterr().err
+    assert f"{dataset} is not a mining run folder (it has no _run.json)" in err and "lies inside" not in err
+    assert sorted(p.name for p in dataset.iterdir()) == ["reid_raw.json"]
 
 
 def test_attribute_injection_is_unavailable_without_an_identity_file(tmp_path, tiny_clip_dir):

@@ -31,8 +31,10 @@ def test_ground_truth_is_trusted_and_a_far_label_free_estimate_is_called_out(tmp
 def test_without_ground_truth_a_calibrated_reliability_is_trusted_with_its_provenance(tmp_path):
     cal = _calibrator(tmp_path, True)
     assert cal["fitted_on"] == "calib/manifest.parquet" and cal["samples"] == 480 and cal["calibrated"]
-    v = verdict({"ground_truth": False, "noise_rate_estimated": 0.1}, cal)
+    v = verdict({"ground_truth": False, "noise_rate_estimated": 0.29327258886769414}, cal)
     assert v["trust"] == "noise_rate_estimated" and "480 captions of calib/manifest.parquet" in v["why"]
+    # Rounded for people (before: "Read mean(1 − reliability) (0.29327258886769414)"); qa.json keeps it all
+    assert "Read mean(1 − reliability) (0.293):" in v["why"] and "0.2932725" not in v["why"]
 
 
 def test_without_ground_truth_an_audit_is_trusted_before_any_label_free_figure(tmp_path):

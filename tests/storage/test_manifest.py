@@ -625,3 +625,18 @@ def test_many_rejects_exit_1_unless_allowed_and_another_format_is_hinted(tmp_pat
     assert "first 2 rejects:" in captured.out
     assert main([*argv, "--allow-rejects"]) == 0
     assert main([*argv, "--max-reject-fraction", "0.5"]) == 0
+
+
+def test_a_field_hint_never_sends_the_user_to_a_format_whose_file_is_not_there(tmp_path, capsys):
+    # RSTPReid's data_captions.json written with CUHK-PEDES's 'file_path' field: before, the hint said
+    # "try --format cuhk-pedes", which then failed with "reid_raw.json: annotation file not found ...
+    # this looks like rstpreid, try --format rstpreid" — a loop.
+    records = [rec(i + 1, f"p{i}.png", ["A man in a red coat."]) for i in range(5)]
+    root = make_dataset(tmp_path / "ds", "cuhk-pedes", records, images=[f"p{i}.png" for i in range(5)])
+    (root / "reid_raw.json").rename(root / "data_captions.json")
+    assert main(["--format", "rstpreid", "--root", str(root), "--out", str(tmp_path / "m.parquet")]) == 2
+    err = capsys.readouterr().err
+    assert "RSTPReid names the image field 'img_path', not 'file_path'" in err
+    assert "try --format cuhk-pedes" in err  # still offered, but with the file rename it needs
+    assert "if they are rstpreid records, rename their fields to rstpreid's" in err
+    assert "rename it to reid_raw.json and try --format cuhk-pedes" in err

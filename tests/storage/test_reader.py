@@ -25,7 +25,9 @@ from storage.reader import (
 from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA, check_version
 from storage.shards import (
     RunIncompleteError,
+    ShardStoreError,
     finalize_run,
+    load_run_plan,
 )
 
 # 12 images, 23 captions: with shard_size 5 no image may straddle a cut
@@ -98,4 +100,13 @@ def test_verify_run_flags_stray_missing_and_corrupted_files(run: tuple[Path, Run
     # Without hashes: existence, sizes, footers and schema versions are still checked
     cheap = verify_run(out, check_hashes=False)
     assert any("status-00002" in p for p in cheap) and any("stray" in p for p in cheap)
-    assert "run not finalized" in verify_run(out / "nowhere")[0]
+    # Not a run at all: said in the user's terms (before: "... is not a run folder (begin_run was never
+    # called)", naming an internal function and not saying the folder is missing)
+    assert verify_run(out / "nowhere")[0].endswith(
+        "nowhere does not exist: pass the --out folder of a `python -m flows.mine_rsm` run"
+    )
+    (out / "plain").mkdir()
+    assert "plain is not a mining run folder (it has no _run.json)" in verify_run(out / "plain")[0]
+    with pytest.raises(ShardStoreError, match="does not exist: pass the --out folder"):
+        load_run_plan(out / "nowhere")
+    assert "begin_run" not in verify_run(out / "plain")[0]

@@ -158,7 +158,23 @@ def test_train_rogle_runs_never_overwrite_each_other(tiny_run, tmp_path, monkeyp
     assert sorted(p.name for p in first.iterdir()) == before
     # A missing --init is reported with the flag's value, before the run folder is claimed or removed.
     assert rogle_main([*base, "--out", str(first), "--overwrite", "--init", str(tmp_path / "nope")]) == 2
-    assert f"{tmp_path / 'nope'}: not a CLIP model folder (no config.json)" in capsys.readouterr().out
+    assert f"CLIP model folder {tmp_path / 'nope'} does not exist" in capsys.readouterr().out
     assert sorted(p.name for p in first.iterdir()) == before
     assert rogle_main([*base, "--out", str(first), "--overwrite"]) == 0
     assert (first / "metrics.json").is_file()
+
+
+def test_a_non_empty_folder_that_is_no_run_is_named_so_and_never_deleted(tmp_path):
+    from miners.training.rogle import claim_run_dir
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "readme.txt").write_text("mine")
+    for resume, overwrite in ((False, False), (False, True), (True, False)):
+        out, why = claim_run_dir(notes, resume=resume, overwrite=overwrite)
+        assert out is None and "already holds a training run" not in why  # before: the wrong reason
+        assert f"--out {notes} is not empty (readme.txt) and is not a training run folder" in why
+    assert (notes / "readme.txt").read_text() == "mine"  # --overwrite did not delete someone's folder
+    (notes / "run_args.json").write_text("{}")
+    assert "already holds a training run" in claim_run_dir(notes, resume=False, overwrite=False)[1]
+    assert claim_run_dir(tmp_path / "empty", resume=False, overwrite=False) == (tmp_path / "empty", None)
