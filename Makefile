@@ -9,6 +9,9 @@ export RAY_USAGE_STATS_ENABLED := 0
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export TOKENIZERS_PARALLELISM := false
+# A Prefect server streams flow-run logs to `prefect deployment run --watch` only with these on
+export PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED := true
+export PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED := true
 
 .PHONY: setup demo test lint bench reliability clean-demo deploy-demo browser
 

@@ -154,7 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     from miners.training.bootstrap import main as bootstrap_main
 
     if bootstrap_main(
-        ["--manifest", str(manifest), "--out", str(clip_dir), "--epochs", str(args.bootstrap_epochs)]
+        # --overwrite: the demo owns outputs/demo; a model of other settings is retrained (not refused)
+        [
+            "--manifest",
+            str(manifest),
+            "--out",
+            str(clip_dir),
+            "--epochs",
+            str(args.bootstrap_epochs),
+            "--overwrite",
+        ]
     ):
         raise SystemExit("tiny CLIP bootstrap failed")
     done("bootstrap")

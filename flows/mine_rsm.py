@@ -28,9 +28,17 @@ from typing import Any
 import ray
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
+from prefect.states import Failed, State
 
 from flows.env import apply_offline_defaults
-from flows.options import MineOptions, MineParams, add_param_arguments, build_options, param_defaults
+from flows.options import (
+    MineOptions,
+    MineParams,
+    PreflightError,
+    add_param_arguments,
+    build_options,
+    param_defaults,
+)
 from flows.ray_workers import (
     ShardEvent,
     ShardMiner,
@@ -214,12 +222,22 @@ def mine_rsm(
     qa_out: str | None = _D["qa_out"],
     qa_inject_noise: float | None = _D["qa_inject_noise"],
     progress_bar: bool = _D["progress_bar"],
-) -> dict[str, Any]:
+) -> dict[str, Any] | State:
     """Mine MANIFEST into the shard folder OUT (resuming it), then, with `qa_out`, write the QA report
-    there and publish its summary as artifacts. Parameters: see flows/options.py (MineParams)."""
+    there and publish its summary as artifacts. Parameters: see flows/options.py (MineParams). Bad
+    parameters end the run Failed, its message listing every problem with its fix."""
     params = MineParams(**locals())
-    opts = build_options(params)
-    reporters: list[Reporter] = [LogReporter(get_run_logger()), ArtifactReporter()]
+    log = get_run_logger()
+    try:
+        opts = build_options(params)
+    except PreflightError as exc:
+        # A deployment's whole answer to bad parameters: one log line (what `prefect deployment run
+        # --watch` streams) and the run's state message, instead of two engine tracebacks in the
+        # worker's terminal and a bare "Failed" on the user's
+        log.error(f"preflight: {exc}")
+        quiet_tracebacks()  # the engine then logs "exited with unexpected exception" as a line, no frames
+        return Failed(message=f"preflight: {exc}")
+    reporters: list[Reporter] = [LogReporter(log), ArtifactReporter()]
     if params.progress_bar:
         reporters.append(TqdmReporter())
     summary = mine_and_report(opts, params, reporters, stage=_as_task)

@@ -15,10 +15,11 @@ from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-from miners.clip_scorer import CROP_MODES, clip_folder_problem
+from miners.bank import BankError
+from miners.clip_scorer import CROP_MODES, clip_folder_problem, model_fingerprint
 from miners.matching import MATCH_MODES, MatchConfig
 from miners.regions import PROPOSER_NAMES
-from miners.rsm import RSMConfig
+from miners.rsm import RSMConfig, load_companions
 
 CLIP_MODEL_HINT = (
     "pass --clip-model DIR (a CLIP folder saved with save_pretrained); `make demo` bootstraps a tiny one "
@@ -236,6 +237,10 @@ def build_options(params: MineParams) -> MineOptions:
         images_per_batch=p.images_per_batch,
         max_batch_pixels=p.max_batch_pixels,
     )
+    try:  # the bank and calibrator beside the model: a stale one fails here, not in every Ray worker
+        load_companions(config, model_fingerprint(clip_dir))
+    except (BankError, ValueError, FileNotFoundError, OSError, KeyError) as exc:
+        raise PreflightError([f"{exc} (or pass another --clip-model / --calibrator)"]) from exc
     return MineOptions(
         manifest=str(p.manifest),
         out=str(p.out),

@@ -12,6 +12,7 @@ here: the flow wraps this.
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
 import socket
@@ -45,6 +46,23 @@ def local_cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+class _DropDefaultAuthNotice(logging.Filter):
+    """Ray's "Token authentication is enabled for this Ray cluster. Set RAY_AUTH_MODE=disabled to opt
+    out" WARNING, printed on every local start when RAY_AUTH_MODE is unset. Token authentication (the
+    secure default, token in ~/.ray/auth_token) stays on; only the notice goes. Setting RAY_AUTH_MODE
+    ourselves does not work: Ray's cached config would still read the old mode and its GCS refuses the
+    driver."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled for this Ray cluster")
+
+
+def _quiet_default_auth_notice() -> None:
+    log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _DropDefaultAuthNotice) for f in log.filters):
+        log.addFilter(_DropDefaultAuthNotice())
+
+
 def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to Ray; returns True when this call started it (the caller then shuts it down).
 
@@ -60,6 +78,7 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool
     if address and address != "local":
         ray.init(address=address)
     else:
+        _quiet_default_auth_notice()
         ray.init(address="local", num_cpus=num_cpus or local_cpu_count(), include_dashboard=False)
     return True
 

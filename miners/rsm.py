@@ -124,39 +124,13 @@ class RSMMiner:
             cfg.clip_model,
             ScorerConfig(crop_mode=cfg.crop_mode, device=cfg.device, text_cache_entries=TEXT_CACHE_ENTRIES),
         )
-        self.bank = self._load_bank()
-        self.calibrator = calibrator or self._load_calibrator()
-        if self.calibrator.uses_colour and not cfg.colour_probe:
-            raise ValueError("the calibrator reads colour_logit, which colour_probe=False does not compute")
-        if self.calibrator.uses_content and self.bank is None:
-            raise BankError(
-                f"the calibrator reads content features but {cfg.clip_model} has no reference bank; build "
-                f"one with `python -m miners.bank --manifest M --clip-model {cfg.clip_model}`"
-            )
+        self.bank, self.calibrator = load_companions(cfg, self.scorer.fingerprint, calibrator)
         self.clip_fingerprint = self.scorer.fingerprint
         cal_id = hashlib.sha256(json.dumps(self.calibrator.to_json(), sort_keys=True).encode()).hexdigest()[
             :8
         ]
         bank_id = self.bank.fingerprint[:8] if self.bank is not None else "nobank"
         self.config_fingerprint = f"{cfg.fingerprint()}-{cal_id}-{bank_id}"
-
-    def _load_bank(self) -> ReferenceBank | None:
-        folder = bank_folder(self.cfg)
-        if folder is None:
-            return None
-        return ReferenceBank.load(
-            folder, expect_fingerprint=self.scorer.fingerprint, crop_mode=self.cfg.crop_mode
-        )
-
-    def _load_calibrator(self) -> Calibrator:
-        path = calibrator_path(self.cfg)
-        if path.exists():
-            cal = Calibrator.load(path, expect_fingerprint=self.scorer.fingerprint)
-            if cal.fit_info.get("mode", self.cfg.match.mode) == self.cfg.match.mode:
-                return cal
-        elif self.cfg.calibrator:
-            raise FileNotFoundError(f"calibrator {path} does not exist")
-        return default_calibrator(self.cfg.match.mode)
 
     # --- the batch ---------------------------------------------------------------------------------
     def mine(self, rows: pa.Table, root: str | Path) -> MineResult:
@@ -403,6 +377,38 @@ class _Prepared:
     regions: Regions
     mask_rles: list[str | None]
     crops: list[np.ndarray]
+
+
+def load_companions(
+    cfg: RSMConfig, model_fingerprint: str, calibrator: Calibrator | None = None
+) -> tuple[ReferenceBank | None, Calibrator]:
+    """The reference bank and calibrator a miner with `cfg` uses, checked against the CLIP model's
+    fingerprint and against each other (`calibrator` replaces the configured one). Raises BankError,
+    ValueError or FileNotFoundError saying which file is stale or missing and the command that
+    rebuilds it. The flow's preflight calls it too, so a stale bank is refused before Ray starts."""
+    folder = bank_folder(cfg)
+    bank = (
+        None
+        if folder is None
+        else ReferenceBank.load(folder, expect_fingerprint=model_fingerprint, crop_mode=cfg.crop_mode)
+    )
+    if calibrator is None:
+        path = calibrator_path(cfg)
+        if path.exists():
+            calibrator = Calibrator.load(path, expect_fingerprint=model_fingerprint)
+            if calibrator.fit_info.get("mode", cfg.match.mode) != cfg.match.mode:
+                calibrator = None  # fitted for another match mode: the mode's default prior
+        elif cfg.calibrator:
+            raise FileNotFoundError(f"calibrator {path} does not exist")
+        calibrator = calibrator or default_calibrator(cfg.match.mode)
+    if calibrator.uses_colour and not cfg.colour_probe:
+        raise ValueError("the calibrator reads colour_logit, which colour_probe=False does not compute")
+    if calibrator.uses_content and bank is None:
+        raise BankError(
+            f"the calibrator reads content features but {cfg.clip_model} has no reference bank; build "
+            f"one with `python -m miners.bank --manifest M --clip-model {cfg.clip_model}`"
+        )
+    return bank, calibrator
 
 
 def calibrator_path(cfg: RSMConfig) -> Path:

@@ -23,6 +23,8 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from miners.bank import BANK_ARRAYS, BANK_META
+from miners.calibration import CALIBRATOR_FILENAME
 from miners.training.data import build_clip_data
 from miners.training.tiny_clip import TinyClipConfig, build_model, build_processor, build_tokenizer
 from miners.training.trainer import TrainConfig, Trainer
@@ -46,7 +48,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--eval-every", type=int, default=4, help="evaluate every N epochs (and after the last)")
     ap.add_argument("--force", action="store_true", help="retrain even if a matching model exists")
+    ap.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model in --out trained on another manifest or settings (its bank and calibrator "
+        "are removed with it); without it such an --out is refused",
+    )
     return ap.parse_args(argv)
+
+
+# What other commands write beside a model, for that model only (miners.bank, fit_calibrator)
+COMPANIONS = (BANK_META, BANK_ARRAYS, CALIBRATOR_FILENAME)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +89,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 0
 
+    if (args.out / "config.json").is_file() and not (args.force or args.overwrite):
+        companions = [n for n in COMPANIONS if (args.out / n).is_file()]
+        print(
+            f"error: --out {args.out} already holds a CLIP model, trained on another manifest or settings "
+            f"({'see its bootstrap.json' if report_path.exists() else 'not by this command'}); pass "
+            "--overwrite to replace it"
+            + (f" (its {', '.join(companions)}, built for that model, are removed)" if companions else "")
+            + ", or another --out"
+        )
+        return 2
+
     table = pq.read_table(args.manifest)
     train_rows = table.filter(pc.equal(table["split"], "train"))
     test_rows = table.filter(pc.equal(table["split"], "test"))
@@ -102,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
     metrics = trainer.fit(train, test)
     train_s = time.perf_counter() - t1
 
-    # The model folder itself is the from_pretrained directory.
+    # The model folder itself is the from_pretrained directory. What was built for a model it replaces
+    # (bank, calibrator) is stale: removed, so nothing mines with it.
+    for name in COMPANIONS:
+        if (args.out / name).is_file():
+            (args.out / name).unlink()
+            print(f"removed {args.out / name} (built for the replaced model)")
     model.save_pretrained(args.out)
     processor.save_pretrained(args.out)
     report = {

@@ -107,3 +107,16 @@ def test_deployment_run_through_server_and_process_worker(tiny_dataset, tiny_cli
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+    # Bad parameters: `--watch` shows why (before: only "Flow run finished in state 'Failed'", the
+    # reason was in the worker's terminal between two tracebacks)
+    bad = {**params, "clip_model": "models/no-such-clip", "out": os.path.relpath(tmp_path / "o2", REPO)}
+    args = [arg for key, value in bad.items() for arg in ("--param", f"{key}={value}")]
+    failed = _run_script(args, env)
+    assert failed.returncode == 1, failed.stdout[-6000:]
+    # what --watch streamed (rich wraps it at the terminal's width)
+    watched = " ".join(failed.stdout.split("Flow run finished in state")[0].split())
+    assert "preflight: 1 problem before mining: (1) CLIP model folder" in watched, failed.stdout[-6000:]
+    assert "models/no-such-clip does not exist" in watched and "--param clip_model=DIR" in watched
+    assert "Traceback" not in watched  # one line each, not the engine's frames
+    assert not (tmp_path / "o2").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -269,3 +270,20 @@ def test_flow_writes_the_qa_report_and_publishes_it(reference, params, tmp_path)
     assert {"rsm-qa-summary", "rsm-qa-figures"} <= set(artifacts)
     figures = {row["figure"]: row["value"] for row in json.loads(artifacts["rsm-qa-figures"].data)}
     assert figures["pairs_total"] == qa["pairs_total"]
+
+
+def test_a_deployment_with_bad_parameters_fails_with_every_problem_in_its_state(
+    prefect_api, params, tmp_path, caplog
+):
+    """What `prefect deployment run --watch` shows: before, only "Flow run finished in state 'Failed'"
+    (the PreflightError sat between two engine tracebacks in the worker's terminal)."""
+    bad = {**params, "clip_model": str(tmp_path / "no-model"), "manifest": str(tmp_path / "no.parquet")}
+    with caplog.at_level(logging.ERROR):
+        state = mine_rsm(out=str(tmp_path / "o"), **bad, return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith("preflight: 2 problems before mining: (1) CLIP model folder")
+    assert "--param clip_model=DIR" in state.message and "python -m storage.manifest" in state.message
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("preflight: ")]
+    assert logged == [state.message]  # one line, streamed to --watch (PREFECT_SERVER_LOGS_STREAM_*)
+    assert not any(r.exc_info for r in caplog.records if r.levelno >= logging.ERROR)  # no traceback
+    assert not (tmp_path / "o").exists()

@@ -87,3 +87,28 @@ def test_validation_refuses_bad_values_up_front(tiny_dataset, tiny_clip_dir, tmp
     with pytest.raises(ValueError, match="max_batch_pixels must be >= 1"):
         build_options(params_from(**good, max_batch_pixels=0))
     assert not (tmp_path / "o").exists()
+
+
+def test_a_bank_left_from_a_replaced_model_is_refused_before_ray_starts(
+    tiny_dataset, tiny_clip_dir, tmp_path
+):
+    """docs/walkthrough.md finding 3: the stale bank was found only inside every Ray worker (about 40
+    lines of actor tracebacks, then the same error once per worker)."""
+    import json
+    import shutil
+
+    from miners.bank import main as bank_main
+
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, clip)
+    argv = ["--manifest", str(tiny_dataset / "manifest.parquet"), "--clip-model", str(clip), "--split", ""]
+    assert bank_main([*argv, "--per-part", "4"]) == 0
+    params = {"manifest": str(tiny_dataset / "manifest.parquet"), "out": str(tmp_path / "o")}
+    build_options(params_from(**params, clip_model=str(clip)))  # a matching bank passes
+    config = json.loads((clip / "config.json").read_text())
+    (clip / "config.json").write_text(json.dumps({**config, "note": "another model"}))  # new fingerprint
+    with pytest.raises(PreflightError) as info:
+        build_options(params_from(**params, clip_model=str(clip)))
+    (problem,) = info.value.problems
+    assert "rsm-bank.json: built with CLIP model" in problem and "python -m miners.bank" in problem
+    assert not (tmp_path / "o").exists()

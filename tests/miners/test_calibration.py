@@ -116,3 +116,49 @@ def test_sample_weights_act_like_repeated_pairs():
     weighted = fit_calibrator(m, y, sample_weight=k.astype(float))
     assert np.allclose(weighted.predict(m), repeated.predict(m), atol=1e-6)
     assert not np.allclose(fit_calibrator(m, y).predict(m), weighted.predict(m), atol=1e-3)
+
+
+def test_fitting_on_a_manifest_without_ground_truth_says_what_it_needs(
+    tiny_dataset, tiny_clip_dir, tmp_path, capsys
+):
+    """docs/walkthrough.md finding 4: a CUHK-PEDES-style manifest died with a raw
+    `ArrowTypeError: Array type doesn't match type of values set: string vs null`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from miners.training.fit_calibrator import main
+
+    table = pq.read_table(tiny_dataset / "manifest.parquet")
+    no_truth = table.set_column(
+        table.schema.get_field_index("gt_links"), "gt_links", pa.nulls(table.num_rows, table["gt_links"].type)
+    )
+    path = tmp_path / "manifest.parquet"
+    pq.write_table(no_truth, path)
+    assert (
+        main(["--manifest", str(path), "--clip-model", str(tiny_clip_dir), "--out", str(tmp_path / "c.json")])
+        == 2
+    )
+    said = capsys.readouterr().out
+    assert (
+        said.startswith(f"error: {path} (pvlg) holds no region ground truth")
+        and "only a pvlg manifest" in said
+    )
+    assert "python -m qa.audit" in said and not (tmp_path / "c.json").exists()
+    # A split without truth names the splits there are
+    assert (
+        main(
+            [
+                "--manifest",
+                str(tiny_dataset / "manifest.parquet"),
+                "--clip-model",
+                str(tiny_clip_dir),
+                "--split",
+                "val",
+            ]
+        )
+        == 2
+    )
+    assert (
+        "no rows with ground truth in split 'val' (its splits: test, train; --split '' fits on all)"
+        in capsys.readouterr().out
+    )

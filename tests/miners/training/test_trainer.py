@@ -87,6 +87,22 @@ def test_bootstrap_cli_writes_a_loadable_model_and_reuses_it(tiny_dataset, tmp_p
     assert bootstrap_main(args) == 0
     assert "reusing" in capsys.readouterr().out
     assert bootstrap_main(["--manifest", str(tmp_path / "missing.parquet"), "--out", str(out)]) == 2
+    # Other settings into a folder that holds a model (with a bank and calibrator built for it): refused,
+    # nothing touched (before: the model was silently replaced and its bank and calibrator left stale)
+    (out / "rsm-bank.json").write_text("{}")
+    (out / "rsm-calibrator.json").write_text("{}")
+    weights = (out / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    other = [*args[:-2], "--batch-size", "4"]
+    assert bootstrap_main(other) == 2
+    said = capsys.readouterr().out
+    assert f"error: --out {out} already holds a CLIP model, trained on another manifest or settings" in said
+    assert "pass --overwrite to replace it (its rsm-bank.json, rsm-calibrator.json" in said
+    assert (out / "model.safetensors").read_bytes() == weights and (out / "rsm-bank.json").is_file()
+    assert bootstrap_main([*other, "--overwrite"]) == 0
+    assert "removed" in capsys.readouterr().out
+    assert not (out / "rsm-bank.json").exists() and not (out / "rsm-calibrator.json").exists()
+    assert (out / "model.safetensors").read_bytes() != weights
 
 
 @pytest.mark.parametrize("flags", [[], ["--no-local"], ["--no-reliability"]])
