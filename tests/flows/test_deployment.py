@@ -38,7 +38,9 @@ def test_prefect_yaml_declares_both_deployments_on_the_process_pool():
         assert d["entrypoint"] == "flows/mine_rsm.py:mine_rsm" and d["work_pool"]["name"] == "rsm-process"
     assert deployments["pvlg"]["parameters"]["manifest"] == "data/pvlg/manifest.parquet"
     assert deployments["pvlg"]["parameters"]["clip_model"] == "models/clip-vit-base-patch16"
-    assert deployments["demo"]["parameters"]["out"] == "outputs/demo/shards"
+    # Its own folder: `make demo` mines outputs/demo/shards with refine rounds (another config), so a
+    # one-round deployment run there after `make demo` was refused (docs/walkthrough.md, section 6)
+    assert deployments["demo"]["parameters"]["out"] == "outputs/demo/shards-deployed"
     # Every parameter named in prefect.yaml is a parameter of the flow
     from flows.mine_rsm import mine_rsm
 

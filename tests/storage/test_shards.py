@@ -197,6 +197,10 @@ BAD_OUTPUTS = {
     ),
     "status extra row": (lambda p, s, o: (p, pa.concat_tables([s, o[1].slice(0, 1)])), "not in shard 1"),
     "status duplicate row": (lambda p, s, o: (p, pa.concat_tables([s, s.slice(0, 1)])), "several rows"),
+    "status duplicate in place of a row (right count)": (
+        lambda p, s, o: (p, pa.concat_tables([s.slice(0, 1), s.slice(0, len(s) - 1)])),
+        "several rows",
+    ),
     "duplicate pair key": (lambda p, s, o: (pa.concat_tables([p, p.slice(2, 1)]), s), "more than once"),
     "pair of another shard": (
         lambda p, s, o: (_swap_sample(p, o[1]["sample_id"][0].as_py()), s),
