@@ -60,10 +60,8 @@ from flows.reporting import (
     qa_headline,
     summarize,
 )
-from flows.rounds import run_rounds
 from miners.run_config import run_config_for
 from qa.config import INJECT_MODES, ReportConfig
-from qa.report import build_report
 from storage.plan import RunPlan, load_shard_rows, plan_shards, read_sorted_manifest
 from storage.shards import (
     RunConflictError,
@@ -260,6 +258,10 @@ def mine_and_report(
     carries `qa` (headline figures) and `qa_report` (the whole qa.json dict) when a report was made."""
     qa_cfg = qa_config(params)
     if opts.rounds:
+        # Imported only when used: refinement (torch) and the QA report (matplotlib, polars) would add
+        # seconds to the start-up of every run, most of which need neither
+        from flows.rounds import run_rounds
+
         summary = run_rounds(
             opts,
             lambda o: run_mining(o, reporters, stage=stage),
@@ -273,6 +275,8 @@ def mine_and_report(
     else:
         summary = run_mining(opts, reporters, stage=stage)
         if params.qa_out:
+            from qa.report import build_report
+
             summary["qa_report"] = stage(
                 "qa-report", build_report, opts.out, params.qa_out, params.manifest, qa_cfg
             )

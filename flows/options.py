@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
 from miners.bank import BankError
-from miners.clip_scorer import CROP_MODES, clip_folder_problem, model_fingerprint
 from miners.matching import MATCH_MODES, MatchConfig
+from miners.model_folder import CROP_MODES, clip_folder_problem, model_fingerprint
 from miners.regions import PROPOSER_NAMES
 from miners.rsm import RSMConfig, load_companions
 

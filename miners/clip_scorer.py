@@ -12,7 +12,6 @@ runs no model. Inference only; bf16 autocast on CUDA.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,8 +28,7 @@ from miners.encoders import (
     pick_device,
     to_pixel_values,
 )
-
-CROP_MODES = ("box", "mask", "blur")
+from miners.model_folder import CROP_MODES, clip_folder_problem, model_fingerprint
 
 
 @dataclass(frozen=True)
@@ -44,29 +42,6 @@ class ScorerConfig:
     # strings again and again (the colour probe's variants, templated or repeated sentences). 0: off.
     # Speed only: the model is frozen while it scores.
     text_cache_entries: int = 0
-
-
-def model_fingerprint(model_dir: str | Path) -> str:
-    """Short content hash of a from_pretrained folder's config, weights, tokenizer and processor — not
-    of what this project writes beside them (the calibrator, the bootstrap report)."""
-    ours = {"bootstrap.json", "rsm-calibrator.json", "rsm-bank.json", "refine.json"}
-    h = hashlib.sha256()
-    for name in sorted(p.name for p in Path(model_dir).iterdir()):
-        if name.endswith((".json", ".safetensors", ".bin", ".txt")) and name not in ours:
-            h.update(name.encode())
-            h.update((Path(model_dir) / name).read_bytes())
-    return h.hexdigest()[:16]
-
-
-def clip_folder_problem(model_dir: str | Path) -> str | None:
-    """Why `model_dir` is not a loadable CLIP folder, or None: the one wording every command uses
-    (the caller adds the flag or parameter that fixes it)."""
-    model_dir = Path(model_dir)
-    if not model_dir.exists():
-        return f"CLIP model folder {model_dir} does not exist"
-    if not (model_dir / "config.json").is_file():
-        return f"{model_dir}: not a CLIP model folder (no config.json)"
-    return None
 
 
 def load_clip(model_dir: str | Path, device: str = "auto"):

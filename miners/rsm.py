@@ -28,8 +28,6 @@ import pyarrow as pa
 
 from miners.bank import BANK_META, BankError, ReferenceBank, judged_part
 from miners.calibration import CALIBRATOR_FILENAME, Calibrator, default_calibrator
-from miners.clip_scorer import ClipScorer, ScorerConfig
-from miners.colour_probe import colour_logits, colour_variants
 from miners.images import ImageLoadError, contained_path, header_pixels, load_rgb
 from miners.matching import MatchConfig, UnitMatches, match_units
 from miners.regions import Regions
@@ -108,7 +106,10 @@ class MineResult:
 class RSMMiner:
     def __init__(self, cfg: RSMConfig, calibrator: Calibrator | None = None):
         """`calibrator` overrides the one `cfg` points at (used to fit or compare calibrators)."""
+        # Imported here, not at the top: the flow's driver imports this module for RSMConfig and the run
+        # identity, and torch, transformers and spaCy would add seconds to every command's start-up
         from miners.captions import CaptionSplitter
+        from miners.clip_scorer import ClipScorer, ScorerConfig
         from miners.regions import build_proposer
 
         self.cfg = cfg
@@ -278,6 +279,8 @@ class RSMMiner:
     def _colour_variant_embeddings(self, scored: list) -> list[list[list[np.ndarray]]]:
         """Per sample, per unit, per colour word: the embeddings of its colour variants (one text pass
         for the whole batch; each distinct text once)."""
+        from miners.colour_probe import colour_variants  # spaCy: see __init__
+
         groups = [[colour_variants(u.text) for u in us] for _, us in scored]
         flat = [t for sample in groups for unit in sample for word in unit for t in word]
         emb = self.scorer.embed_texts(flat).cpu().numpy().astype(np.float32) if flat else None
@@ -296,6 +299,8 @@ class RSMMiner:
     def _match(self, scored: list, embedded: list, prepared: dict, status: dict, seconds) -> list[dict]:
         """Match each scored sample's units; returns one block of pair columns per sample (lists and
         arrays straight from the matcher, no per-pair dicts)."""
+        from miners.colour_probe import colour_logits  # spaCy: see __init__
+
         t = time.perf_counter()
         blocks: list[dict] = []
         for (r, us), emb in zip(scored, embedded, strict=True):

@@ -23,7 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from miners.bank import bank_fingerprint
-from miners.clip_scorer import model_fingerprint
+from miners.model_folder import model_fingerprint
 from miners.rsm import RSMConfig, bank_folder, calibrator_fingerprint
 from storage.plan import RunPlan
 from storage.reader import read_pairs
