@@ -52,7 +52,7 @@ def _manifest(root: Path, out: Path) -> None:
 def _bank(manifest: Path, clip_dir: Path) -> None:
     from miners.bank import BankError, ReferenceBank
     from miners.bank import main as bank_main
-    from miners.clip_scorer import model_fingerprint
+    from miners.model_folder import model_fingerprint
 
     try:
         ReferenceBank.load(clip_dir, expect_fingerprint=model_fingerprint(clip_dir), crop_mode="box")
@@ -66,7 +66,7 @@ def _bank(manifest: Path, clip_dir: Path) -> None:
 
 def _calibrate(calib_manifest: Path, clip_dir: Path) -> None:
     from miners.calibration import CALIBRATOR_FILENAME, Calibrator, features_for
-    from miners.clip_scorer import model_fingerprint
+    from miners.model_folder import model_fingerprint
     from miners.training.fit_calibrator import main as calibrate_main
 
     path = clip_dir / CALIBRATOR_FILENAME

@@ -310,7 +310,9 @@ class _NoTraceback(logging.Filter):
 
 def quiet_tracebacks() -> None:
     for name in ("prefect.task_runs", "prefect.flow_runs"):
-        logging.getLogger(name).addFilter(_NoTraceback())
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _NoTraceback) for f in log.filters):  # once, however often called
+            log.addFilter(_NoTraceback())
 
 
 def main(argv: list[str] | None = None) -> int:

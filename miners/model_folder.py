@@ -10,16 +10,34 @@ from pathlib import Path
 CROP_MODES = ("box", "mask", "blur")
 
 
+# What this project writes beside a model: not part of the model's identity
+_OURS = {"bootstrap.json", "rsm-calibrator.json", "rsm-bank.json", "refine.json"}
+# fingerprint by (folder, each hashed file's name, size, mtime): the driver needs it twice at start-up
+# (preflight, run identity), and a real checkpoint is hundreds of MB to read
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
 def model_fingerprint(model_dir: str | Path) -> str:
     """Short content hash of a from_pretrained folder's config, weights, tokenizer and processor — not
     of what this project writes beside them (the calibrator, the bootstrap report)."""
-    ours = {"bootstrap.json", "rsm-calibrator.json", "rsm-bank.json", "refine.json"}
-    h = hashlib.sha256()
-    for name in sorted(p.name for p in Path(model_dir).iterdir()):
-        if name.endswith((".json", ".safetensors", ".bin", ".txt")) and name not in ours:
+    folder = Path(model_dir)
+    names = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.name.endswith((".json", ".safetensors", ".bin", ".txt")) and p.name not in _OURS
+    )
+    stats = [(folder / n).stat() for n in names]
+    key = (
+        str(folder.resolve()),
+        *((n, st.st_size, st.st_mtime_ns) for n, st in zip(names, stats, strict=True)),
+    )
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for name in names:
             h.update(name.encode())
-            h.update((Path(model_dir) / name).read_bytes())
-    return h.hexdigest()[:16]
+            h.update((folder / name).read_bytes())
+        _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]
 
 
 def clip_folder_problem(model_dir: str | Path) -> str | None:

@@ -47,13 +47,9 @@ def read_run_manifest(out_dir: str | Path, allow_partial: bool = False) -> dict[
     if success.is_file():
         return json.loads(success.read_text())
     if not allow_partial:
-        hint = (
-            f"{out / RUN_FILE} exists, so shards may be partly committed; pass allow_partial=True to read them"
-            if (out / RUN_FILE).is_file()
-            else None
-        )
-        if hint is None:
+        if not (out / RUN_FILE).is_file():
             raise RunNotFinalizedError(not_a_run_message(out))
+        hint = f"{out / RUN_FILE} exists, so shards may be partly committed; pass allow_partial=True to read them"
         raise RunNotFinalizedError(f"run not finalized: {success} is missing ({hint})")
     plan = load_run_plan(out)
     return build_run_manifest(plan, committed_records(out, plan), finalized=False)

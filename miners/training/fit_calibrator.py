@@ -130,11 +130,11 @@ def fit_on_manifest(
             "use the calibrator of a model fitted on such a manifest (`--calibrator` on the flow), or "
             "refit it on hand labels with `python -m qa.audit` (README, 'Auditing a sample by hand')"
         )
+    splits = sorted(set(table["split"].to_pylist()))
     if split:
         table = table.filter(pc.equal(table["split"], split))
     table = table.filter(pc.is_valid(table["gt_links"]))
     if table.num_rows == 0:
-        splits = sorted(set(read_manifest(manifest_path)[0]["split"].to_pylist()))
         raise ValueError(
             f"{manifest_path}: no rows with ground truth in split {split!r} (its splits: "
             f"{', '.join(map(str, splits))}; --split '' fits on all)"
