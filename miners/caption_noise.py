@@ -23,8 +23,8 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 
+from miners.attribute_probe import GARMENT_KINDS, colour_words, garment_words, replace_word
 from miners.captions import COLOUR_WORDS, CaptionSplitter
-from miners.colour_probe import colour_words
 from storage.synth.identities import AttributeWords, attribute_vocabulary
 
 
@@ -144,19 +144,8 @@ def attribute_swap(
         return None
     s, e, words = candidates[int(rng.integers(len(candidates)))]
     new = words[int(rng.integers(len(words)))]
-    if s == 0 and text[:1].isupper():
-        new = new[:1].upper() + new[1:]
-    return _replace_word(text, s, e, new)
-
-
-def _replace_word(text: str, s: int, e: int, new: str) -> str:
-    """`text` with [s, e) replaced by `new`, an "a"/"an" right before it made to agree."""
-    before = text[:s]
-    if article := _ARTICLE.search(before):
-        a = "an" if new[:1].lower() in "aeiou" else "a"
-        a = a.capitalize() if article.group(1)[:1].isupper() else a
-        before = before[: article.start()] + a + article.group(2)
-    return before + new + text[e:]
+    # Capitalised only at the start: "T-shirt" mid-sentence must not make "a Hoodie"
+    return replace_word(text, s, e, new, keep_case=(s == 0))
 
 
 # ------------------------------------------------------------- perturbing mined units (QA, calibration)
@@ -318,10 +307,19 @@ def colour_swap(text: str, rng: np.random.Generator, colours: Sequence[str] = CO
     choices = [c for c in colours if c not in mentioned]
     if not choices:
         return None
-    new = choices[int(rng.integers(len(choices)))]
-    if text[s : s + 1].isupper():
-        new = new.capitalize()
-    return _replace_word(text, s, e, new)
+    return replace_word(text, s, e, choices[int(rng.integers(len(choices)))])
+
+
+def garment_swap(text: str, rng: np.random.Generator) -> str | None:
+    """`text` with one of its garment phrases (miners.attribute_probe.garment_words) replaced by the
+    name of another garment kind of the same body part; None without one. Like `colour_swap` it needs
+    no knowledge of the person (a training negative, miners.refine_clip)."""
+    found = garment_words(text)
+    if not found:
+        return None
+    s, e, part, kind = found[int(rng.integers(len(found)))]
+    others = [phrases[0] for other, phrases in GARMENT_KINDS[part].items() if other != kind]
+    return replace_word(text, s, e, others[int(rng.integers(len(others)))])
 
 
 def shuffle_caption_units(
@@ -376,6 +374,7 @@ __all__ = [
     "attribute_perturbations",
     "attribute_swap",
     "colour_swap",
+    "garment_swap",
     "locate_injected",
     "pick_donor",
     "pick_same_part_donor",

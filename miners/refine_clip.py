@@ -6,15 +6,17 @@
 Consumes a committed mining run (its pairs, its run config: which CLIP, crop mode and proposer it
 used, and its manifest); takes the train split's kept pairs, holds out 10% of their images, and
 fine-tunes the run's CLIP on region crop ↔ sentence (miners.training.refine: reliability-weighted,
-identity-aware, with same-part hard negatives from other people and colour negatives: the sentence
-itself with one colour word changed) on the one Trainer (bf16 autocast on
+identity-aware, with same-part hard negatives from other people, colour negatives: the sentence
+itself with one colour word changed, and garment negatives: with one garment noun changed to another
+kind of its part) on the one Trainer (bf16 autocast on
 CUDA). Produces DIR as a `from_pretrained` folder with, beside the weights:
 - `rsm-bank.json` / `rsm-bank.npz`: its reference bank, rebuilt with the refined model (miners.bank);
 - `rsm-calibrator.json`: refit on `--calibration-manifest` (a manifest with ground truth; default: the
   one the start model's calibrator was fitted on), since every feature moved with the model;
 - `refine.json` (written last: a folder without it is unfinished and is redone): the source run, the
   start model, the pairs used, and the held-out figures before and after (`own_beats_other_rate`: how
-  often a region scores its own sentence above another person's same-part sentence).
+  often a region scores its own sentence above another person's same-part sentence;
+  `own_beats_altered_rate` / `own_beats_garment_rate`: above itself with a colour / garment changed).
 A real ViT-B/16 fine-tunes the same way on a GPU: `--device cuda --batch-size 256 --lr 1e-5`.
 """
 
@@ -46,6 +48,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=float,
         default=1.0,
         help="weight of the colour negatives (each sentence with one colour word changed); 0: none",
+    )
+    ap.add_argument(
+        "--garment-weight",
+        type=float,
+        default=1.0,
+        help="weight of the garment negatives (each sentence with one garment noun changed to another "
+        "kind of its body part, e.g. jeans -> shorts); 0: none",
     )
     ap.add_argument("--no-reliability", action="store_true", help="uniform pair weights")
     ap.add_argument("--held-out", type=float, default=0.1, help="fraction of images held out for figures")
@@ -167,7 +176,9 @@ def refine(args, rsm, init: Path, manifest_path: Path, pairs, calib_manifest: Pa
         device=args.device,
         warmup_fraction=0.1,
     )
-    objective = RegionSentenceObjective(hard_weight=args.hard_weight, colour_weight=args.colour_weight)
+    objective = RegionSentenceObjective(
+        hard_weight=args.hard_weight, colour_weight=args.colour_weight, garment_weight=args.garment_weight
+    )
     run_dir = args.out / ".refine-run"  # checkpoints and curves; not part of the model's fingerprint
     trainer = Trainer(model, processor, cfg, run_dir, objective=objective)
     before = own_vs_other_sentence(model, trainer, held)
@@ -211,6 +222,7 @@ def refine(args, rsm, init: Path, manifest_path: Path, pairs, calib_manifest: Pa
         "train_config": {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "seed")},
         "hard_weight": args.hard_weight,
         "colour_weight": args.colour_weight,
+        "garment_weight": args.garment_weight,
         "reliability_weighted": not args.no_reliability,
         "held_out_before": before,
         "held_out_after": after,

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from miners.bank import judged_part
-from miners.caption_noise import colour_swap
+from miners.caption_noise import colour_swap, garment_swap
 from miners.encoders import image_embeddings, pad_token_ids, text_embeddings, to_pixel_values, tokenize
 from miners.images import ImageLoadError, contained_path, load_rgb
 from miners.metrics import auroc
@@ -49,6 +49,10 @@ class RefineData:
     # Per pair, its sentence with one colour word changed (miners.caption_noise.colour_swap), tokenised;
     # None where the sentence names no colour. A negative no other sentence can be as hard as.
     pair_altered_tokens: list[list[int] | None] = field(default_factory=list)
+    # The same with one garment phrase changed to another kind of its part (caption_noise.garment_swap):
+    # without it the tiny CLIP learns colours but not garment kinds (a jeans unit rewritten as "shorts"
+    # kept its reliability: attribute-swap AUROC 0.52 on garment swaps, 0.77 on colour swaps).
+    pair_garment_tokens: list[list[int] | None] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.pair_tokens)
@@ -91,11 +95,10 @@ def build_refine_data(
             kept_rows.append(r)
     size_hw = scorer.size_hw
     rng = np.random.default_rng(0)  # pair order is the table's, so the alterations are reproducible
-    altered = [colour_swap(r["sentence"], rng) for r in kept_rows]
-    altered_tokens = tokenize(processor, [a for a in altered if a is not None]) if any(altered) else []
-    it = iter(altered_tokens)
+    sentences = [r["sentence"] for r in kept_rows]
     return RefineData(
-        pair_altered_tokens=[next(it) if a is not None else None for a in altered],
+        pair_altered_tokens=_altered_tokens(processor, [colour_swap(t, rng) for t in sentences]),
+        pair_garment_tokens=_altered_tokens(processor, [garment_swap(t, rng) for t in sentences]),
         crops_u8=torch.stack(crops) if crops else torch.zeros((0, 3, *size_hw), dtype=torch.uint8),
         region_person=np.asarray(region_person, dtype=np.int64),
         pair_region=np.asarray(
@@ -112,6 +115,12 @@ def build_refine_data(
         sentences=[r["sentence"] for r in kept_rows],
         skipped=skipped,
     )
+
+
+def _altered_tokens(processor, altered: list[str | None]) -> list[list[int] | None]:
+    """Token ids per altered sentence, None where there is none (one tokenizer call for all)."""
+    tokens = iter(tokenize(processor, [a for a in altered if a is not None]) if any(altered) else [])
+    return [next(tokens) if a is not None else None for a in altered]
 
 
 def split_by_image(pairs: pa.Table, held_out_fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
@@ -145,10 +154,17 @@ def other_person_same_part(data: RefineData, seed: int, epoch: int) -> np.ndarra
 class RegionSentenceObjective:
     """See the module docstring. `hard_weight` scales the same-part hard-negative term."""
 
-    def __init__(self, temperature: float = 0.05, hard_weight: float = 1.0, colour_weight: float = 1.0):
+    def __init__(
+        self,
+        temperature: float = 0.05,
+        hard_weight: float = 1.0,
+        colour_weight: float = 1.0,
+        garment_weight: float = 1.0,
+    ):
         self.temperature = temperature
         self.hard_weight = hard_weight
         self.colour_weight = colour_weight
+        self.garment_weight = garment_weight
         # The current epoch's hard negatives, keyed by (data, epoch): drawn once per epoch, not per batch
         self._hard: dict[tuple[int, int], np.ndarray] = {}
 
@@ -204,16 +220,19 @@ class RegionSentenceObjective:
                 loss_hard = (wh * hard_loss).sum() / wh.sum().clamp_min(1e-6)
                 loss = loss + self.hard_weight * loss_hard
                 logs["loss_hard"] = float(loss_hard.detach())
-        if self.colour_weight > 0 and data.pair_altered_tokens:
-            rows = [k for k, i in enumerate(idx) if data.pair_altered_tokens[i] is not None]
+        for name, weight, tokens in (
+            ("colour", self.colour_weight, data.pair_altered_tokens),
+            ("garment", self.garment_weight, data.pair_garment_tokens),
+        ):
+            rows = [k for k, i in enumerate(idx) if tokens and tokens[i] is not None] if weight > 0 else []
             if rows:
-                altered = _tokens(trainer.model, trainer, [data.pair_altered_tokens[idx[k]] for k in rows])
+                # Own sentence against itself with one attribute changed, on the pair's own region
+                altered = _tokens(trainer.model, trainer, [tokens[idx[k]] for k in rows])
                 at = torch.tensor(rows, device=dev)
-                own_reg = reg[col[at]]
-                gap = ((altered - sent[at]) * own_reg).sum(1) / self.temperature
-                loss_colour = (w[at] * F.softplus(gap)).sum() / w[at].sum().clamp_min(1e-6)
-                loss = loss + self.colour_weight * loss_colour
-                logs["loss_colour"] = float(loss_colour.detach())
+                gap = ((altered - sent[at]) * reg[col[at]]).sum(1) / self.temperature
+                term = (w[at] * F.softplus(gap)).sum() / w[at].sum().clamp_min(1e-6)
+                loss = loss + weight * term
+                logs[f"loss_{name}"] = float(term.detach())
         logs["loss"] = float(loss.detach())
         return loss, logs
 
@@ -244,7 +263,8 @@ def own_vs_other_sentence(model, trainer, data: RefineData, seed: int = 12345, b
         s_other = _sentences(model, trainer, data, others[idx])
         own.append((s_own * r).sum(1).float().cpu().numpy())
         other.append((s_other * r).sum(1).float().cpu().numpy())
-    altered_rate = _own_beats_altered(model, trainer, data, batch)
+    altered_rate = _own_beats_altered(model, trainer, data, data.pair_altered_tokens, batch)
+    garment_rate = _own_beats_altered(model, trainer, data, data.pair_garment_tokens, batch)
     if was_training:
         model.train()
     if not own:
@@ -252,6 +272,7 @@ def own_vs_other_sentence(model, trainer, data: RefineData, seed: int = 12345, b
     own_c, other_c = np.concatenate(own), np.concatenate(other)
     return {
         "own_beats_altered_rate": altered_rate,
+        "own_beats_garment_rate": garment_rate,
         "pairs": int(own_c.size),
         "own_beats_other_rate": float((own_c > other_c).mean()),
         "own_vs_other_auroc": auroc(
@@ -262,14 +283,15 @@ def own_vs_other_sentence(model, trainer, data: RefineData, seed: int = 12345, b
     }
 
 
-def _own_beats_altered(model, trainer, data: RefineData, batch: int) -> float | None:
-    """How often a region scores its own sentence above the same sentence with one colour changed."""
-    has = np.array([i for i, t in enumerate(data.pair_altered_tokens) if t is not None], dtype=np.int64)
+def _own_beats_altered(model, trainer, data: RefineData, tokens: list, batch: int) -> float | None:
+    """How often a region scores its own sentence above the same sentence with one colour (or one
+    garment: `tokens` says which alteration) changed."""
+    has = np.array([i for i, t in enumerate(tokens) if t is not None], dtype=np.int64)
     wins = []
     for b in range(0, len(has), batch):
         idx = has[b : b + batch]
         r = _regions(model, trainer, data, data.pair_region[idx])
-        altered = _tokens(model, trainer, [data.pair_altered_tokens[i] for i in idx])
+        altered = _tokens(model, trainer, [tokens[i] for i in idx])
         own = _sentences(model, trainer, data, idx)
         wins.append(((own * r).sum(1) > (altered * r).sum(1)).cpu().numpy())
     return float(np.concatenate(wins).mean()) if wins else None

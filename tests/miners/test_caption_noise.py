@@ -12,6 +12,7 @@ from miners.caption_noise import (
     attribute_candidates,
     attribute_swap,
     colour_swap,
+    garment_swap,
     pick_same_part_donor,
     shuffle_caption_units,
 )
@@ -189,3 +190,23 @@ def test_colour_swap_changes_one_colour_to_one_the_text_does_not_name():
             assert all(a in ("a", "an") for a, _ in changed if (a, _) not in colour)  # only the article
     assert colour_swap("An orange top", np.random.default_rng(0)).split()[0] in ("A", "An")
     assert colour_swap("a plain top, no colour", rng) is None
+
+
+def test_garment_swap_names_another_kind_of_the_same_part():
+    from miners.attribute_probe import GARMENT_KINDS, garment_words
+
+    rng = np.random.default_rng(4)
+    for text, part in (
+        ("black denim jeans", "lower"),
+        ("An orange hoodie", "upper"),
+        ("white sneakers", "feet"),
+    ):
+        seen = set()
+        for _ in range(30):
+            new = garment_swap(text, rng)
+            (_, _, new_part, new_kind), *_ = garment_words(new)
+            assert new_part == part and new_kind != garment_words(text)[0][3]
+            seen.add(new_kind)
+        assert seen <= set(GARMENT_KINDS[part]) and len(seen) > 1  # drawn among the part's other kinds
+    assert garment_swap("An orange hoodie", np.random.default_rng(0)).split()[0] in ("A", "An")
+    assert garment_swap("a green top and a bag", rng) is None  # generic nouns only

@@ -76,6 +76,8 @@ def test_the_refined_model_scores_its_own_pairs_higher(
         trainer = Trainer(model, processor, TrainConfig(device="cpu"), tmp_path / name)
         figures[name] = own_vs_other_sentence(model, trainer, data)
     assert figures["refined"]["own_beats_other_rate"] > figures["start"]["own_beats_other_rate"] + 0.1
+    # The garment negatives teach garment kinds: its own sentence beats itself with "jeans" -> "shorts"
+    assert figures["refined"]["own_beats_garment_rate"] > figures["start"]["own_beats_garment_rate"]
     # And the miner loads it like any CLIP, with its content features and refit calibrator.
     table, meta = read_manifest(tiny_dataset / "manifest.parquet")
     miner = RSMMiner(RSMConfig(clip_model=str(refined)))
@@ -108,3 +110,24 @@ def test_refine_refuses_what_it_cannot_use(tiny_run, tiny_clip_dir, tmp_path, ca
     assert "cannot read committed pairs" in capsys.readouterr().err
     assert refine_main(["--pairs", str(tiny_run), "--out", str(tiny_clip_dir)]) == 2
     assert "is the start model itself" in capsys.readouterr().err
+
+
+def test_the_garment_negative_is_the_own_sentence_with_one_garment_kind_changed(
+    tiny_run, tiny_dataset, tiny_clip_dir, tmp_path
+):
+    model, processor, data = _data(tiny_run, tiny_dataset, tiny_clip_dir)
+    has = [i for i, t in enumerate(data.pair_garment_tokens) if t is not None]
+    assert has and len(data.pair_garment_tokens) == len(data)
+    i = has[0]
+    own = processor.tokenizer.decode(data.pair_tokens[i], skip_special_tokens=True)
+    altered = processor.tokenizer.decode(data.pair_garment_tokens[i], skip_special_tokens=True)
+    assert own != altered and len(set(altered.split()) - set(own.split())) >= 1
+    trainer = Trainer(model, processor, TrainConfig(device="cpu"), tmp_path)
+    idx = np.asarray(has[:16])
+    with torch.no_grad():
+        with_g, logs = RegionSentenceObjective(hard_weight=0.0, colour_weight=0.0).loss(trainer, data, idx)
+        without, logs0 = RegionSentenceObjective(hard_weight=0.0, colour_weight=0.0, garment_weight=0.0).loss(
+            trainer, data, idx
+        )
+    assert "loss_garment" in logs and "loss_garment" not in logs0
+    assert with_g.item() == pytest.approx(without.item() + logs["loss_garment"], rel=1e-5)
