@@ -33,7 +33,7 @@ from flows.env import apply_offline_defaults  # noqa: E402
 
 apply_offline_defaults()
 
-from miners.colour_probe import colour_variants  # noqa: E402
+from miners.attribute_probe import PROBES  # noqa: E402
 from miners.images import contained_path, load_rgb  # noqa: E402
 from miners.rsm import RSMConfig, RSMMiner, _Embedded, _Prepared  # noqa: E402
 from storage.plan import read_sorted_manifest  # noqa: E402
@@ -72,12 +72,13 @@ def mine_naively(miner: RSMMiner, rows: list[dict], root: Path) -> list[dict]:
             if not units:
                 continue
             text_emb = np.stack([one(miner.scorer, u.text) for u in units])
-            variants = None
-            if miner.cfg.colour_probe:
-                variants = [
-                    [np.stack([one(miner.scorer, t) for t in word]) for word in colour_variants(u.text)]
+            variants = {
+                name: [
+                    [np.stack([one(miner.scorer, t) for t in word]) for word in PROBES[name](u.text)]
                     for u in units
                 ]
+                for name in miner.probes()
+            }
             embedded = [_Embedded(text_emb, region_emb, variants)]
             blocks = miner._match([(r, units)], embedded, prepared, {}, {"matching": 0.0})
             block = blocks[0]

@@ -74,7 +74,7 @@ def _calibrate(calib_manifest: Path, clip_dir: Path) -> None:
         try:
             cal = Calibrator.load(path, expect_fingerprint=model_fingerprint(clip_dir))
             # One fitted on other features (before the bank existed, an older release) is refit.
-            if cal.features == features_for("combined", content=True, colour=True):
+            if cal.features == features_for("combined", content=True, colour=True, garment=True):
                 print(f"  reusing {path}")
                 return
         except ValueError:

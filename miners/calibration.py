@@ -22,7 +22,9 @@ import numpy as np
 from miners.matching import UnitMatches
 from storage.schemas import BODY_PARTS
 
-CALIBRATOR_VERSION = 3  # 2: per-part label features; 3: content features against the reference bank
+CALIBRATOR_VERSION = (
+    4  # 2: per-part label features; 3: content features vs the reference bank; 4: garment probe
+)
 CALIBRATOR_FILENAME = "rsm-calibrator.json"
 
 # One indicator per body-part label of the chosen region: how reliable a part's regions are differs by
@@ -31,12 +33,14 @@ LABEL_FEATURES = tuple(f"label_{part}" for part in BODY_PARTS)
 
 # What the pixels say (miners.bank): used when the model folder has a reference bank.
 CONTENT_FEATURES = ("bank_region_z", "bank_sentence_z")
-# The colour probe (miners.colour_probe): needs no bank.
+# The attribute probes (miners.attribute_probe): need no bank.
 COLOUR_FEATURES = ("colour_logit",)
+GARMENT_FEATURES = ("garment_logit",)
 # How much a content feature says differs by body part (a bag zone is often empty, a head zone never):
 # one product per part lets the linear model weigh it per part. "a*b" is the product of columns a, b.
 CONTENT_BY_PART = tuple(f"bank_sentence_z*{label}" for label in LABEL_FEATURES)
 COLOUR_BY_PART = tuple(f"colour_logit*{label}" for label in LABEL_FEATURES)
+GARMENT_BY_PART = tuple(f"garment_logit*{label}" for label in LABEL_FEATURES)
 
 FEATURES_BY_MODE = {
     "clip": ("clip_cosine", "softmax_prob", "margin", "mutual_best"),
@@ -55,9 +59,9 @@ FEATURES_BY_MODE = {
 }
 
 
-def features_for(mode: str, content: bool, colour: bool = False) -> tuple[str, ...]:
-    """The calibrator's inputs in `mode`, with the content features when a bank is there and the
-    colour probe when it ran (neither in `lexical` mode, which reads no pixels)."""
+def features_for(mode: str, content: bool, colour: bool = False, garment: bool = False) -> tuple[str, ...]:
+    """The calibrator's inputs in `mode`, with the content features when a bank is there and each
+    attribute probe's when it ran (none in `lexical` mode, which reads no pixels)."""
     names = FEATURES_BY_MODE[mode]
     if mode == "lexical":
         return names
@@ -65,16 +69,22 @@ def features_for(mode: str, content: bool, colour: bool = False) -> tuple[str, .
         *names,
         *((*CONTENT_FEATURES, *CONTENT_BY_PART) if content else ()),
         *((*COLOUR_FEATURES, *COLOUR_BY_PART) if colour else ()),
+        *((*GARMENT_FEATURES, *GARMENT_BY_PART) if garment else ()),
     )
 
 
 def feature_matrix(m: UnitMatches, names: tuple[str, ...]) -> np.ndarray:
     read = {part for n in names for part in n.split("*")}
-    missing = [n for n in (*CONTENT_FEATURES, *COLOUR_FEATURES) if n in read and getattr(m, n) is None]
+    missing = [n for n in CONTENT_FEATURES if n in read and getattr(m, n) is None]
     if missing:
         raise ValueError(
             f"the calibrator reads {', '.join(missing)} but these pairs have none (no reference bank); "
             "build one with `python -m miners.bank --manifest M --clip-model DIR`"
+        )
+    off = [n for n in (*COLOUR_FEATURES, *GARMENT_FEATURES) if n in read and getattr(m, n) is None]
+    if off:
+        raise ValueError(
+            f"the calibrator reads {', '.join(off)} but these pairs have none (mined with that probe off)"
         )
     cols = {
         "clip_cosine": m.clip_cosine,
@@ -88,6 +98,7 @@ def feature_matrix(m: UnitMatches, names: tuple[str, ...]) -> np.ndarray:
         "bank_region_z": m.bank_region_z,
         "bank_sentence_z": m.bank_sentence_z,
         "colour_logit": m.colour_logit,
+        "garment_logit": m.garment_logit,
     }
     for part in BODY_PARTS:
         cols[f"label_{part}"] = np.array([label == part for label in m.region_label], dtype=np.float32)
@@ -122,6 +133,10 @@ class Calibrator:
     @property
     def uses_colour(self) -> bool:
         return self._reads(COLOUR_FEATURES)
+
+    @property
+    def uses_garment(self) -> bool:
+        return self._reads(GARMENT_FEATURES)
 
     def predict(self, m: UnitMatches) -> np.ndarray:
         x = (feature_matrix(m, self.features) - self.mean) / self.std
@@ -207,6 +222,7 @@ def fit_calibrator(
     iters: int = 50,
     content: bool | None = None,
     colour: bool | None = None,
+    garment: bool | None = None,
     sample_weight: np.ndarray | None = None,
     features: tuple[str, ...] | None = None,
 ) -> Calibrator:
@@ -217,7 +233,9 @@ def fit_calibrator(
         content = matches.bank_region_z is not None
     if colour is None:
         colour = matches.colour_logit is not None
-    names = features if features is not None else features_for(mode, content, colour)
+    if garment is None:
+        garment = matches.garment_logit is not None
+    names = features if features is not None else features_for(mode, content, colour, garment)
     x_raw = feature_matrix(matches, names)
     y = np.asarray(correct, dtype=np.float64)
     if y.size == 0 or y.min() == y.max():
@@ -253,6 +271,7 @@ def fit_calibrator(
             "l2": l2,
             "content": any(n in CONTENT_FEATURES for f in names for n in f.split("*")),
             "colour": any(n in COLOUR_FEATURES for f in names for n in f.split("*")),
+            "garment": any(n in GARMENT_FEATURES for f in names for n in f.split("*")),
             "weighted": sample_weight is not None,
         },
     )

@@ -44,8 +44,9 @@ class UnitMatches:
     # Content against the reference bank (miners.bank); None when the miner has no bank.
     bank_region_z: np.ndarray | None = field(default=None)
     bank_sentence_z: np.ndarray | None = field(default=None)
-    # The colour probe (miners.colour_probe); None when it is off.
+    # The attribute probes (miners.attribute_probe); None when one is off.
     colour_logit: np.ndarray | None = field(default=None)
+    garment_logit: np.ndarray | None = field(default=None)
 
 
 def part_agreement_matrix(unit_tags: list[tuple[str, ...]], region_labels: list[str | None]) -> np.ndarray:

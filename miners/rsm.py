@@ -46,7 +46,8 @@ class RSMConfig:
     max_regions: int = 8
     crop_mode: str = "box"  # box | mask | blur
     split_clauses: bool = True
-    colour_probe: bool = True  # the colour_logit feature (miners.colour_probe): one more text pass
+    colour_probe: bool = True  # the colour_logit feature (miners.attribute_probe): one more text pass
+    garment_probe: bool = True  # the garment_logit feature (the same): garment variants in that pass
     match: MatchConfig = field(default_factory=MatchConfig)
     calibrator: str | None = None  # None: <clip_model>/rsm-calibrator.json if present, else the default prior
     bank: str | None = None  # reference-bank folder; None: <clip_model> if it holds rsm-bank.json, else none
@@ -264,42 +265,47 @@ class RSMMiner:
             region_emb, text_emb = self.scorer.embed_crops_and_texts(
                 [prepared[iid].crops for iid in image_order], [[u.text for u in us] for _, us in scored]
             )
-            variants = self._colour_variant_embeddings(scored) if self.cfg.colour_probe else None
+            variants = self._probe_variant_embeddings(scored)
             out = [
                 _Embedded(
-                    text_emb[j],
-                    region_emb[image_pos[r["image_id"]]],
-                    None if variants is None else variants[j],
+                    text_emb[j], region_emb[image_pos[r["image_id"]]], {n: v[j] for n, v in variants.items()}
                 )
                 for j, (r, _) in enumerate(scored)
             ]
         seconds["scoring"] += time.perf_counter() - t
         return out
 
-    def _colour_variant_embeddings(self, scored: list) -> list[list[list[np.ndarray]]]:
-        """Per sample, per unit, per colour word: the embeddings of its colour variants (one text pass
-        for the whole batch; each distinct text once)."""
-        from miners.colour_probe import colour_variants  # spaCy: see __init__
+    def probes(self) -> list[str]:
+        """The pair columns of the attribute probes this miner runs (miners.attribute_probe.PROBES)."""
+        on = {"colour_logit": self.cfg.colour_probe, "garment_logit": self.cfg.garment_probe}
+        return [name for name, enabled in on.items() if enabled]
 
-        groups = [[colour_variants(u.text) for u in us] for _, us in scored]
-        flat = [t for sample in groups for unit in sample for word in unit for t in word]
+    def _probe_variant_embeddings(self, scored: list) -> dict[str, list[list[list[np.ndarray]]]]:
+        """Per probe, per sample, per unit, per probed word: the embeddings of its variants (one text
+        pass for the whole batch and every probe; each distinct text once)."""
+        from miners.attribute_probe import PROBES  # spaCy: see __init__
+
+        groups = {n: [[PROBES[n](u.text) for u in us] for _, us in scored] for n in self.probes()}
+        flat = [t for g in groups.values() for sample in g for unit in sample for word in unit for t in word]
         emb = self.scorer.embed_texts(flat).cpu().numpy().astype(np.float32) if flat else None
-        out, pos = [], 0
-        for sample in groups:
-            per_unit = []
-            for unit in sample:
-                words = []
-                for word in unit:
-                    words.append(emb[pos : pos + len(word)])
-                    pos += len(word)
-                per_unit.append(words)
-            out.append(per_unit)
+        out, pos = {}, 0
+        for name, g in groups.items():
+            out[name] = []
+            for sample in g:
+                per_unit = []
+                for unit in sample:
+                    words = []
+                    for word in unit:
+                        words.append(emb[pos : pos + len(word)])
+                        pos += len(word)
+                    per_unit.append(words)
+                out[name].append(per_unit)
         return out
 
     def _match(self, scored: list, embedded: list, prepared: dict, status: dict, seconds) -> list[dict]:
         """Match each scored sample's units; returns one block of pair columns per sample (lists and
         arrays straight from the matcher, no per-pair dicts)."""
-        from miners.colour_probe import colour_logits  # spaCy: see __init__
+        from miners.attribute_probe import probe_logits  # spaCy: see __init__
 
         t = time.perf_counter()
         blocks: list[dict] = []
@@ -314,11 +320,11 @@ class RSMMiner:
                 m.bank_region_z, m.bank_sentence_z = self.bank.content_features(
                     emb.text, chosen, parts, int(r["person_id"])
                 )
-            if emb.colour_variants is not None:
-                m.colour_logit = colour_logits(
-                    m.clip_cosine,
-                    [[v @ chosen[k] for v in words] for k, words in enumerate(emb.colour_variants)],
+            for name, per_unit in emb.probe_variants.items():
+                logits = probe_logits(
+                    m.clip_cosine, [[v @ chosen[k] for v in words] for k, words in enumerate(per_unit)]
                 )
+                setattr(m, name, logits)
             reliability = self.calibrator.predict(m)
             kept = reliability >= self.cfg.match.keep_threshold
             blocks.append(self._pair_block(r, us, image, m, reliability, kept))
@@ -358,6 +364,7 @@ class RSMMiner:
             "bank_region_z": m.bank_region_z,
             "bank_sentence_z": m.bank_sentence_z,
             "colour_logit": m.colour_logit,
+            "garment_logit": m.garment_logit,
             "reliability": reliability,
             "kept": kept,
             "clip_fingerprint": [self.clip_fingerprint] * n,
@@ -371,7 +378,8 @@ class _Embedded:
 
     text: np.ndarray
     regions: np.ndarray
-    colour_variants: list[list[np.ndarray]] | None = None  # per unit, per colour word: V x E
+    # attribute probe column -> per unit, per probed word: V x E (only the probes the miner runs)
+    probe_variants: dict[str, list[list[np.ndarray]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -408,6 +416,8 @@ def load_companions(
         calibrator = calibrator or default_calibrator(cfg.match.mode)
     if calibrator.uses_colour and not cfg.colour_probe:
         raise ValueError("the calibrator reads colour_logit, which colour_probe=False does not compute")
+    if calibrator.uses_garment and not cfg.garment_probe:
+        raise ValueError("the calibrator reads garment_logit, which garment_probe=False does not compute")
     if calibrator.uses_content and bank is None:
         raise BankError(
             f"the calibrator reads content features but {cfg.clip_model} has no reference bank; build "
@@ -454,6 +464,7 @@ def matches_from_pairs(pairs: pa.Table) -> UnitMatches:
         bank_region_z=_optional_column(cols.get("bank_region_z")),
         bank_sentence_z=_optional_column(cols.get("bank_sentence_z")),
         colour_logit=_optional_column(cols.get("colour_logit")),
+        garment_logit=_optional_column(cols.get("garment_logit")),
     )
 
 

@@ -15,7 +15,7 @@ SCHEMA_KEY = b"rsm.schema"
 SCHEMA_VERSION_KEY = b"rsm.schema_version"
 
 MANIFEST_VERSION = "1"
-PAIRS_VERSION = "2"
+PAIRS_VERSION = "3"  # 3: garment_logit
 STATUS_VERSION = "1"
 
 # Body-part vocabulary shared by the synthetic benchmark, the region proposers and the lexicon.
@@ -67,9 +67,11 @@ PAIRS_SCHEMA = pa.schema(
         # the region vs other people's same-part sentences.
         pa.field("bank_region_z", pa.float32()),
         pa.field("bank_sentence_z", pa.float32()),
-        # Colour probe (miners.colour_probe): log-ratio of the written colour against the other basic
+        # Colour probe (miners.attribute_probe): log-ratio of the written colour against the other basic
         # colours for the region; 0 when the unit names no colour, null when the probe is off.
         pa.field("colour_logit", pa.float32()),
+        # Garment probe (the same): each garment noun against the other garment kinds of its part.
+        pa.field("garment_logit", pa.float32()),
         pa.field("reliability", pa.float32(), nullable=False),  # calibrated P(pair correct), in [0, 1]
         pa.field("kept", pa.bool_(), nullable=False),
         pa.field("clip_fingerprint", pa.string(), nullable=False),

@@ -33,6 +33,7 @@ PAIR_DEFAULTS: dict[str, Any] = {
     "bank_region_z": None,
     "bank_sentence_z": None,
     "colour_logit": None,
+    "garment_logit": None,
     "reliability": 0.5,
     "kept": True,
     "clip_fingerprint": "clip-0",

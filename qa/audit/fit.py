@@ -72,7 +72,8 @@ def run_calibrator(cfg: RunConfig, pairs: pa.Table) -> Calibrator:
         return default_calibrator(cfg.rsm.match.mode)
     content = pairs["bank_region_z"].null_count < pairs.num_rows
     colour = pairs["colour_logit"].null_count < pairs.num_rows
-    names = features_for(cfg.rsm.match.mode, content, colour)
+    garment = pairs["garment_logit"].null_count < pairs.num_rows
+    names = features_for(cfg.rsm.match.mode, content, colour, garment)
     return Calibrator(names, np.zeros(len(names)), 0.0, np.zeros(len(names)), np.ones(len(names)), False)
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from miners.attribute_probe import garment_words
 from miners.bank import BANK_ARRAYS, BANK_META, BankError, PartBank, ReferenceBank, build_bank, judged_part
 from miners.bank import main as bank_main
 from miners.calibration import fit_calibrator
@@ -99,7 +100,11 @@ def test_the_same_pair_gets_the_same_content_features_in_any_shard_or_batch(bank
     miner = RSMMiner(cfg)
     whole = miner.mine(table, meta["root"]).pairs
     assert whole["bank_region_z"].null_count == 0 and whole["bank_sentence_z"].null_count == 0
-    assert whole["colour_logit"].null_count == 0 and np.abs(whole["colour_logit"].to_numpy()).max() > 0
+    for probe in ("colour_logit", "garment_logit"):
+        assert whole[probe].null_count == 0 and np.abs(whole[probe].to_numpy()).max() > 0
+    # The garment probe fires exactly where the unit names a garment kind (0 elsewhere)
+    named = np.array([bool(garment_words(t)) for t in whole["sentence"].to_pylist()])
+    assert named.any() and not np.any(whole["garment_logit"].to_numpy()[~named])
     assert np.abs(whole["bank_region_z"].to_numpy()).max() > 0.1  # features that say something
     miner.cfg = replace(cfg, images_per_batch=2)
     pieces = [miner.mine(table.slice(k, 8), meta["root"]).pairs for k in range(0, table.num_rows, 8)]
@@ -109,7 +114,7 @@ def test_the_same_pair_gets_the_same_content_features_in_any_shard_or_batch(bank
         whole.sort_by([(k, "ascending") for k in key]),
         sharded.sort_by([(k, "ascending") for k in key]),
     )
-    for name in ("bank_region_z", "bank_sentence_z", "colour_logit", "reliability"):
+    for name in ("bank_region_z", "bank_sentence_z", "colour_logit", "garment_logit", "reliability"):
         np.testing.assert_allclose(sharded[name].to_numpy(), whole[name].to_numpy(), atol=1e-4)
 
 
@@ -125,6 +130,10 @@ def test_a_content_calibrator_needs_a_bank_and_the_bank_is_part_of_the_run(
         cal.features
     )
     assert not fit_calibrator(matches, labels, content=False).uses_content
+    # The garment probe is a feature of its own, per part too; a miner with it off refuses such a calibrator
+    assert cal.uses_garment and {"garment_logit", "garment_logit*label_lower"} <= set(cal.features)
+    with pytest.raises(ValueError, match="garment_probe=False does not compute"):
+        RSMMiner(RSMConfig(clip_model=str(banked_clip), garment_probe=False), calibrator=cal)
     bankless = tmp_path / "bankless"
     shutil.copytree(banked_clip, bankless)
     (bankless / BANK_META).unlink()
