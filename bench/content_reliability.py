@@ -186,6 +186,12 @@ def _mode_rows(label: str, k: int, qa: dict) -> list[str]:
             f"{fmt(b.get('clean_kept_fraction'))} | {fmt(b.get('recovered_rate'))} | {fmt(b.get('true_noise_rise'))} | "
             f"{fmt(b.get('recovery_ratio_true'))} |"
         )
+        for slot, sb in (b.get("by_slot") or {}).items():  # attribute swaps: colour word vs garment noun
+            out.append(
+                f"| {label} | {k} | {mode}: {slot} (n={sb['injected']}) | "
+                f"{fmt(sb.get('auroc_tagged_clean_vs_injected'))} | — | {fmt(sb.get('injected_kept_fraction'))} "
+                "| — | — | — | — |"
+            )
     return out
 
 

@@ -139,13 +139,20 @@ def attribute_swap(
     """`text` with one colour or garment word true of the person replaced by a word of the same slot
     that is false for the person (see `attribute_candidates`); the rest of the text is kept but for an
     "a"/"an" before the word. None when no word of `text` can be made false."""
-    candidates = attribute_candidates(text, parts, attrs, vocabulary)
+    swapped = _swap_one(text, attribute_candidates(text, parts, attrs, vocabulary), rng)
+    return None if swapped is None else swapped[0]
+
+
+def _swap_one(
+    text: str, candidates: list[tuple[int, int, tuple[str, ...]]], rng: np.random.Generator
+) -> tuple[str, str] | None:
+    """(text with one drawn candidate word replaced, the word it replaced); None without candidates."""
     if not candidates:
         return None
     s, e, words = candidates[int(rng.integers(len(candidates)))]
     new = words[int(rng.integers(len(words)))]
     # Capitalised only at the start: "T-shirt" mid-sentence must not make "a Hoodie"
-    return replace_word(text, s, e, new, keep_case=(s == 0))
+    return replace_word(text, s, e, new, keep_case=(s == 0)), text[s:e].lower()
 
 
 # ------------------------------------------------------------- perturbing mined units (QA, calibration)
@@ -162,6 +169,7 @@ class Perturbation:
     span: tuple[int, int]
     original: str
     injected: str
+    slot: str | None = None  # attribute swaps: "colour" or "garment", the kind of word changed
 
 
 class NoiseUnavailable(Exception):
@@ -233,6 +241,7 @@ def attribute_perturbations(
     the same slot the person does not wear. Every altered unit is false for its person, so its pair is
     wrong whatever region it matched. Raises NoiseUnavailable when no unit can be altered."""
     vocabulary = attribute_vocabulary()
+    colours = set().union(*(slots.get("colour", ()) for slots in vocabulary.values()))
     captions = dict(rows.select("sample_id", "caption").iter_rows())
     row_of = {r["sample_id"]: r for r in rows.iter_rows(named=True)}
     units = clean.select("sample_id", "person_id", "char_start", "char_end", "part_tags").rows()
@@ -260,9 +269,10 @@ def attribute_perturbations(
     for t in targets:
         sid, pid, s, e, tags = units[int(t)]
         original = text_of(int(t))
-        altered = attribute_swap(original, tags, identities[pid], rng, vocabulary)
-        if altered is None:  # cannot happen: candidates are what made the unit alterable
+        swapped = _swap_one(original, attribute_candidates(original, tags, identities[pid], vocabulary), rng)
+        if swapped is None:  # cannot happen: candidates are what made the unit alterable
             raise RuntimeError(f"attribute swap found nothing to alter in {original!r}")
+        altered, word = swapped
         new_sid = f"{sid}#inject{int(t)}"
         caption, span = swap_unit(captions[sid], s, e, altered)
         out.append(
@@ -273,6 +283,7 @@ def attribute_perturbations(
                 span,
                 original,
                 altered,
+                "colour" if word in colours else "garment",
             )
         )
     return targets, out, int(alterable.size)

@@ -161,6 +161,24 @@ def _score_mode(
         rise = float(shared.correct[list(found)].sum() / units) if units else None
         block["true_noise_rise"] = rise
         block["recovery_ratio_true"] = _diff(est_mixed, est_clean) / rise if rise else None
+    slots = {p.target: p.slot for p in perturbed if p.slot is not None}
+    if slots:
+        # Attribute swaps: a colour word and a garment noun are different tests of sight; one AUROC hides
+        # which the model fails (a changed garment is much harder to see than a changed colour)
+        clean_tagged = rel[untouched & has_tags]
+        by_slot = {}
+        for slot in sorted(set(slots.values())):
+            units_of = [u for t, u in found.items() if slots.get(t) == slot]
+            slot_rel = np.array([u["reliability"] for u in units_of], dtype=np.float64)
+            by_slot[slot] = {
+                "injected": len(units_of),
+                "auroc_tagged_clean_vs_injected": auroc(
+                    np.concatenate([clean_tagged, slot_rel]),
+                    np.concatenate([np.ones(clean_tagged.size, bool), np.zeros(slot_rel.size, bool)]),
+                ),
+                "injected_kept_fraction": _mean(np.array([u["kept"] for u in units_of], dtype=np.float64)),
+            }
+        block["by_slot"] = by_slot
     block["examples"] = [
         {
             "sample_id": clean["sample_id"][p.target],

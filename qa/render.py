@@ -192,6 +192,10 @@ def _mode_blocks(modes: dict[str, dict]) -> list[Block]:
     for name, b in modes.items():
         if b.get("available", True):
             rows.append([name, *(fmt(b.get(k)) for k, _ in MODE_COLS), MODE_DESCRIPTIONS.get(name, "")])
+            # Attribute swaps split by the kind of word changed (only the columns measured per slot)
+            for slot, sb in (b.get("by_slot") or {}).items():
+                cells = [fmt(sb.get(k)) if k in sb else "" for k, _ in MODE_COLS]
+                rows.append([f"{name}: {slot}", *cells, f"only the units whose {slot} word was changed"])
         else:
             rows.append([name, *("n/a" for _ in MODE_COLS), f"unavailable: {b.get('reason', '?')}"])
     blocks: list[Block] = [

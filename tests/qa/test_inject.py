@@ -18,6 +18,7 @@ from miners.rsm import RSMConfig
 from miners.run_config import RunConfig, read_run_config
 from qa.config import INJECT_MODES, parse_inject_modes
 from qa.inject import injection_rsm_config
+from qa.render import _mode_blocks
 from qa.report import build_report
 from storage.reader import read_pairs
 from storage.synth.identities import attribute_vocabulary, read_identity_attributes
@@ -143,6 +144,14 @@ def test_attribute_mode_alters_units_with_words_the_person_does_not_wear(all_mod
     vocabulary = attribute_vocabulary()
     block = all_modes["injection"]["modes"]["attribute"]
     assert 0 < block["injected"] <= block["alterable_units"]
+    # Per slot: the two kinds of change add up to the whole, each with its own AUROC
+    by_slot = block["by_slot"]
+    assert set(by_slot) <= {"colour", "garment"} and by_slot
+    assert sum(b["injected"] for b in by_slot.values()) == block["injected"]
+    for b in by_slot.values():
+        assert 0 <= b["injected_kept_fraction"] <= 1 and 0 <= b["auroc_tagged_clean_vs_injected"] <= 1
+    (table,) = [b for b in _mode_blocks(all_modes["injection"]["modes"]) if b[0] == "table"][:1]
+    assert {f"attribute: {slot}" for slot in by_slot} <= {row[0] for row in table[2]}
     # Every perturbation of the whole tiny run: the unit really altered, the new word false
     clean = pl.from_arrow(read_pairs(tiny_run))
     rows = pl.read_parquet(tiny_dataset / "manifest.parquet")
@@ -161,6 +170,8 @@ def test_attribute_mode_alters_units_with_words_the_person_does_not_wear(all_mod
         assert p.row["caption"] == caption[: unit["char_start"]] + p.injected + caption[unit["char_end"] :]
         assert p.row["caption"][p.span[0] : p.span[1]] == p.injected
         examples.append((pid_of[unit["sample_id"]], p.original, p.injected))
+    slot_of = {(p.original, p.injected): p.slot for p in perturbed}
+    assert set(slot_of.values()) == {"colour", "garment"}
     phrases = {w for slots in vocabulary.values() for words in slots.values() for w in words}
     splitter = CaptionSplitter()
     for pid, original, injected in examples:
@@ -171,6 +182,8 @@ def test_attribute_mode_alters_units_with_words_the_person_does_not_wear(all_mod
         }  # "button-up shirt", not "shirt"
         assert len(new) == 1, (original, injected, new)
         (w,) = new
+        if (original, injected) in slot_of:  # the slot recorded is the kind of word that changed
+            assert w in {c for slots in vocabulary.values() for c in slots[slot_of[original, injected]]}
         person, tags = identities[pid], splitter.split(original)[0].part_tags
         # ... of a part the unit names, and not worn there by this person
         assert any(
