@@ -16,7 +16,8 @@ links of changed captions are dropped (their spans no longer hold); other rows a
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence, Set
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 
 import numpy as np
@@ -321,15 +322,38 @@ def colour_swap(text: str, rng: np.random.Generator, colours: Sequence[str] = CO
     return replace_word(text, s, e, choices[int(rng.integers(len(choices)))])
 
 
-def garment_swap(text: str, rng: np.random.Generator) -> str | None:
+def corpus_garments(texts: Iterable[str]) -> dict[str, dict[str, str]]:
+    """Body part -> garment kind -> its most used phrase, over the kinds `texts` name at all.
+
+    Hard training negatives: a caption corpus names few of the kinds the lexicon knows, and a swap to a
+    kind nobody wears ("a kilt") is easy to reject; a swap among the kinds people in the data do wear
+    (sneakers / boots / leather shoes) is the distinction the miner must see. Needs no labels."""
+    counts: dict[str, dict[str, Counter]] = {}
+    for text in texts:
+        for s, e, part, kind in garment_words(text):
+            counts.setdefault(part, {}).setdefault(kind, Counter())[text[s:e].lower()] += 1
+    # Ties broken by the phrase itself, so the choice does not depend on the order of `texts`
+    return {
+        part: {kind: min(c.items(), key=lambda kv: (-kv[1], kv[0]))[0] for kind, c in sorted(kinds.items())}
+        for part, kinds in sorted(counts.items())
+    }
+
+
+def garment_swap(
+    text: str, rng: np.random.Generator, kinds: Mapping[str, Mapping[str, str]] | None = None
+) -> str | None:
     """`text` with one of its garment phrases (miners.attribute_probe.garment_words) replaced by the
     name of another garment kind of the same body part; None without one. Like `colour_swap` it needs
-    no knowledge of the person (a training negative, miners.refine_clip)."""
+    no knowledge of the person (a training negative, miners.refine_clip). `kinds` (part -> kind ->
+    phrase, e.g. `corpus_garments`) limits the replacements to those kinds where it offers any other
+    kind of the part; by default every kind the lexicon knows, by its first name."""
     found = garment_words(text)
     if not found:
         return None
     s, e, part, kind = found[int(rng.integers(len(found)))]
-    others = [phrases[0] for other, phrases in GARMENT_KINDS[part].items() if other != kind]
+    others = [phrase for other, phrase in (kinds or {}).get(part, {}).items() if other != kind]
+    if not others:
+        others = [phrases[0] for other, phrases in GARMENT_KINDS[part].items() if other != kind]
     return replace_word(text, s, e, others[int(rng.integers(len(others)))])
 
 
@@ -385,6 +409,7 @@ __all__ = [
     "attribute_perturbations",
     "attribute_swap",
     "colour_swap",
+    "corpus_garments",
     "garment_swap",
     "locate_injected",
     "pick_donor",

@@ -93,7 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     if not manifest_path.is_file():
         problems.append(f"manifest {manifest_path} not found")
     if calib_manifest is not None and not Path(calib_manifest).is_file():
-        problems.append(f"calibration manifest {calib_manifest} not found")
+        # Never fall back to the uncalibrated prior quietly: the start model was calibrated
+        where = (
+            ""
+            if args.calibration_manifest
+            else (
+                f" (the start model's calibrator was fitted on it; from {Path.cwd()} it is not there: "
+                "pass --calibration-manifest)"
+            )
+        )
+        problems.append(f"calibration manifest {calib_manifest} not found{where}")
     if args.out.resolve() == init.resolve():
         problems.append(f"--out {args.out} is the start model itself; write the refined model elsewhere")
     if problems:
@@ -116,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _calibration_manifest_of(model_dir: Path) -> Path | None:
-    """The manifest the model's calibrator was fitted on, if it says so and it still exists."""
+    """The manifest the model's calibrator was fitted on, if it says so (as written then: a relative
+    path is relative to the directory it was fitted from; the caller checks that it exists)."""
     from miners.calibration import CALIBRATOR_FILENAME
 
     try:
@@ -124,7 +134,7 @@ def _calibration_manifest_of(model_dir: Path) -> Path | None:
     except (OSError, ValueError):
         return None
     path = info.get("manifest")
-    return Path(path) if path and Path(path).is_file() else None
+    return Path(path) if path else None
 
 
 def refine(args, rsm, init: Path, manifest_path: Path, pairs, calib_manifest: Path | None) -> dict:

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from miners.bank import judged_part
-from miners.caption_noise import colour_swap, garment_swap
+from miners.caption_noise import colour_swap, corpus_garments, garment_swap
 from miners.encoders import image_embeddings, pad_token_ids, text_embeddings, to_pixel_values, tokenize
 from miners.images import ImageLoadError, contained_path, load_rgb
 from miners.metrics import auroc
@@ -96,9 +96,10 @@ def build_refine_data(
     size_hw = scorer.size_hw
     rng = np.random.default_rng(0)  # pair order is the table's, so the alterations are reproducible
     sentences = [r["sentence"] for r in kept_rows]
+    worn = corpus_garments(sentences)  # hard garment negatives: kinds the data's people wear
     return RefineData(
         pair_altered_tokens=_altered_tokens(processor, [colour_swap(t, rng) for t in sentences]),
-        pair_garment_tokens=_altered_tokens(processor, [garment_swap(t, rng) for t in sentences]),
+        pair_garment_tokens=_altered_tokens(processor, [garment_swap(t, rng, worn) for t in sentences]),
         crops_u8=torch.stack(crops) if crops else torch.zeros((0, 3, *size_hw), dtype=torch.uint8),
         region_person=np.asarray(region_person, dtype=np.int64),
         pair_region=np.asarray(

@@ -12,6 +12,7 @@ from miners.caption_noise import (
     attribute_candidates,
     attribute_swap,
     colour_swap,
+    corpus_garments,
     garment_swap,
     pick_same_part_donor,
     shuffle_caption_units,
@@ -210,3 +211,18 @@ def test_garment_swap_names_another_kind_of_the_same_part():
         assert seen <= set(GARMENT_KINDS[part]) and len(seen) > 1  # drawn among the part's other kinds
     assert garment_swap("An orange hoodie", np.random.default_rng(0)).split()[0] in ("A", "An")
     assert garment_swap("a green top and a bag", rng) is None  # generic nouns only
+
+
+def test_corpus_garments_limit_the_swap_to_kinds_the_data_names():
+    from miners.attribute_probe import garment_words
+
+    corpus = ["He wears white trainers.", "Black boots.", "white trainers", "grey sneakers", "blue jeans"]
+    worn = corpus_garments(corpus)
+    # Kinds by their most used phrase; a part or kind the corpus never names is absent
+    assert worn == {"feet": {"boots": "boots", "sneakers": "trainers"}, "lower": {"jeans": "jeans"}}
+    assert corpus_garments(reversed(corpus)) == worn  # independent of order
+    rng = np.random.default_rng(0)
+    assert {garment_swap("red boots", rng, worn) for _ in range(20)} == {"red trainers"}
+    # A part with no other worn kind falls back to the lexicon's kinds (never returns the same kind)
+    swapped = {garment_words(garment_swap("blue jeans", rng, worn))[0][3] for _ in range(30)}
+    assert "jeans" not in swapped and len(swapped) > 1

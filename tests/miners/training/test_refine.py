@@ -4,6 +4,7 @@ loads like any CLIP, carries its bank, calibrator and refine.json, and scores it
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pyarrow.compute as pc
@@ -110,6 +111,15 @@ def test_refine_refuses_what_it_cannot_use(tiny_run, tiny_clip_dir, tmp_path, ca
     assert "cannot read committed pairs" in capsys.readouterr().err
     assert refine_main(["--pairs", str(tiny_run), "--out", str(tiny_clip_dir)]) == 2
     assert "is the start model itself" in capsys.readouterr().err
+    # A calibrated start model whose calibration manifest is gone from here: refused, never the prior
+    start = tmp_path / "start"
+    shutil.copytree(tiny_clip_dir, start)
+    (start / "rsm-calibrator.json").write_text(json.dumps({"fit_info": {"manifest": "no/such/m.parquet"}}))
+    argv = ["--pairs", str(tiny_run), "--init", str(start), "--out", str(tmp_path / "o")]
+    assert refine_main(argv) == 2
+    err = capsys.readouterr().err
+    assert "no/such/m.parquet not found" in err and "pass --calibration-manifest" in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_the_garment_negative_is_the_own_sentence_with_one_garment_kind_changed(
