@@ -22,9 +22,8 @@ import numpy as np
 from miners.matching import UnitMatches
 from storage.schemas import BODY_PARTS
 
-CALIBRATOR_VERSION = (
-    4  # 2: per-part label features; 3: content features vs the reference bank; 4: garment probe
-)
+# 2: per-part label features; 3: content features vs the reference bank; 4: the garment probe
+CALIBRATOR_VERSION = 4
 CALIBRATOR_FILENAME = "rsm-calibrator.json"
 
 # One indicator per body-part label of the chosen region: how reliable a part's regions are differs by

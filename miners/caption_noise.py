@@ -69,7 +69,6 @@ def pick_same_part_donor(
 _EDGE_BEFORE, _EDGE_AFTER = r"(?<![\w-])", r"(?![\w-])"
 # Word uses that name no garment: "on top, she wears ...", "on top of the bag"
 _NOT_A_GARMENT = {"top": (re.compile(r"\bon\s+$", re.I), re.compile(r"^\s+of\b", re.I))}
-_ARTICLE = re.compile(r"(?:^|(?<=\s))(an?)(\s+)$", re.I)
 
 
 def _matches(text: str, words: Set[str]) -> list[tuple[int, int, str]]:

@@ -94,15 +94,13 @@ def main(argv: list[str] | None = None) -> int:
         problems.append(f"manifest {manifest_path} not found")
     if calib_manifest is not None and not Path(calib_manifest).is_file():
         # Never fall back to the uncalibrated prior quietly: the start model was calibrated
-        where = (
-            ""
-            if args.calibration_manifest
-            else (
+        problem = f"calibration manifest {calib_manifest} not found"
+        if not args.calibration_manifest:
+            problem += (
                 f" (the start model's calibrator was fitted on it; from {Path.cwd()} it is not there: "
                 "pass --calibration-manifest)"
             )
-        )
-        problems.append(f"calibration manifest {calib_manifest} not found{where}")
+        problems.append(problem)
     if args.out.resolve() == init.resolve():
         problems.append(f"--out {args.out} is the start model itself; write the refined model elsewhere")
     if problems:

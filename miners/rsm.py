@@ -288,19 +288,12 @@ class RSMMiner:
         groups = {n: [[PROBES[n](u.text) for u in us] for _, us in scored] for n in self.probes()}
         flat = [t for g in groups.values() for sample in g for unit in sample for word in unit for t in word]
         emb = self.scorer.embed_texts(flat).cpu().numpy().astype(np.float32) if flat else None
-        out, pos = {}, 0
-        for name, g in groups.items():
-            out[name] = []
-            for sample in g:
-                per_unit = []
-                for unit in sample:
-                    words = []
-                    for word in unit:
-                        words.append(emb[pos : pos + len(word)])
-                        pos += len(word)
-                    per_unit.append(words)
-                out[name].append(per_unit)
-        return out
+        sizes = [len(word) for g in groups.values() for sample in g for unit in sample for word in unit]
+        # One V x E block per probed word, handed out in `flat`'s order
+        blocks = iter(np.split(emb, np.cumsum(sizes)[:-1]) if flat else [])
+        return {
+            n: [[[next(blocks) for _ in unit] for unit in sample] for sample in g] for n, g in groups.items()
+        }
 
     def _match(self, scored: list, embedded: list, prepared: dict, status: dict, seconds) -> list[dict]:
         """Match each scored sample's units; returns one block of pair columns per sample (lists and
