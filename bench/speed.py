@@ -23,6 +23,12 @@ of a whole command in a fresh process (start to exit), as a user runs it:
   per worker (from the shards' stats files).
 - `stage_profile`: where the 2-worker run's time went (the summary's stage seconds).
 - `prior_ms_per_image`: the `prior` proposer alone, in-process, on 400 of the images.
+- `startup_s`: seconds from the process start of `python -m flows.mine_rsm` (the default path: Prefect's
+  temporary API server, a local Ray) to its first shard sent to a loaded worker, median of
+  `--startup-reps` runs on a warm PREFECT_HOME of the bench's own; `startup_parts` the phases of that run
+  (the CLI's "start-up" line: driver = imports + preflight, ray, prefect, first_shard, each in seconds
+  since the start); `startup_s_fresh_home` the same on an empty PREFECT_HOME (its first server start
+  migrates a new database) and `startup_s_no_prefect` with `--no-prefect`.
 """
 
 from __future__ import annotations
@@ -65,6 +71,7 @@ GOALS = {
     "driver_ms_per_shard_at_1M": "<= 5",
     "plan_s_at_1M": "<= 30",
     "prior_ms_per_image": "<= 2",
+    "startup_s": "<= 8",
 }
 ENV = os.environ | {"PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "false"}
 
@@ -159,6 +166,53 @@ def flow_run(manifest: Path, clip: Path, out: Path, workers: int, what: str) -> 
         "stage_s": {k: round(v, 3) for k, v in stages.items()},
         "worker_peak_rss_mb": max((s["worker"].get("peak_rss_mb", 0.0) for s in stats), default=None),
         "shards": len(stats),
+    }
+
+
+STARTUP_LINE = re.compile(
+    r"^start-up ([\d.]+) s to the first shard \(seconds since the command started: (.*)\)$"
+)
+
+
+def startup_run(manifest: Path, clip: Path, out: Path, prefect_home: Path, *extra: str) -> dict:
+    """One mining command in a fresh process, its start-up phases from the line it prints."""
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    cmd = [sys.executable, "-m", "flows.mine_rsm", "--manifest", str(manifest), "--out", str(out),
+           "--clip-model", str(clip), *extra]  # fmt: skip
+    env = {k: v for k, v in ENV.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(prefect_home)}
+    log(f"start-up ({' '.join(extra) or 'default'}; PREFECT_HOME {prefect_home}): {' '.join(cmd)}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"start-up run failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
+    match = next(filter(None, map(STARTUP_LINE.match, proc.stdout.splitlines())), None)
+    if match is None:
+        raise SystemExit(f"no start-up line in:\n{proc.stdout}")
+    parts = {k: float(v) for k, v in (item.rsplit(" ", 1) for item in match.group(2).split(", "))}
+    return {"startup_s": float(match.group(1)), "parts": parts, "wall_s": round(wall, 2)}
+
+
+def startup_figures(manifest: Path, clip: Path, work: Path, reps: int) -> dict:
+    """startup_s (median of `reps` default runs, warm PREFECT_HOME), its parts, and the fresh-home and
+    --no-prefect variants."""
+    home = work / "prefect-home-warm"
+    fresh = work / "prefect-home-fresh"
+    subprocess.run(["rm", "-rf", str(fresh)], check=True)
+    fresh_run = startup_run(manifest, clip, work / "startup-out", fresh)  # also warms nothing: its own home
+    startup_run(manifest, clip, work / "startup-out", home)  # a first run migrates the warm home's database
+    runs = sorted((startup_run(manifest, clip, work / "startup-out", home) for _ in range(reps)),
+                  key=lambda r: r["startup_s"])  # fmt: skip
+    median = runs[len(runs) // 2]
+    no_prefect = startup_run(manifest, clip, work / "startup-out", home, "--no-prefect")
+    return {
+        "startup_s": median["startup_s"],
+        "startup_parts": median["parts"],
+        "startup_runs_s": [r["startup_s"] for r in runs],
+        "startup_s_fresh_home": fresh_run["startup_s"],
+        "startup_parts_fresh_home": fresh_run["parts"],
+        "startup_s_no_prefect": no_prefect["startup_s"],
+        "startup_parts_no_prefect": no_prefect["parts"],
     }
 
 
@@ -315,6 +369,11 @@ def markdown(r: dict) -> str:
         f"| scaling_2_workers (fan-out images/s {r['scaling']['images_per_s_2']} / "
         f"{r['scaling']['images_per_s_1']}) | {r['scaling_2_workers']} | {GOALS['scaling_2_workers']} |",
         f"| prior proposer, ms / image | {r['prior_ms_per_image']} | {GOALS['prior_ms_per_image']} |",
+        f"| startup_s (default command, warm PREFECT_HOME, median of {len(r['startup_runs_s'])}: "
+        f"{r['startup_runs_s']}; phases {r['startup_parts']}) | {r['startup_s']} | {GOALS['startup_s']} |",
+        f"| start-up on an empty PREFECT_HOME (phases {r['startup_parts_fresh_home']}) | "
+        f"{r['startup_s_fresh_home']} | |",
+        f"| start-up with --no-prefect (phases {r['startup_parts_no_prefect']}) | {r['startup_s_no_prefect']} | |",
         "",
         f"Naive vs flow outputs: {json.dumps(r['naive']['outputs'])}.\n",
         "Driver (plan once; per shard: slice the sorted manifest + commit a tiny worker's output; "
@@ -359,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--work", default="outputs/bench-speed")
     ap.add_argument("--results", default=str(BENCH / "results.json"))
     ap.add_argument("--markdown", default=str(BENCH / "RESULTS.md"))
+    ap.add_argument("--startup-reps", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="tiny sizes: checks the script, figures mean little")
     ap.add_argument("--library-run", nargs=3, metavar=("MANIFEST", "CLIP", "OUT"), help=argparse.SUPPRESS)
     ap.add_argument("--driver-scale-run", type=int, help=argparse.SUPPRESS)
@@ -389,6 +449,8 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
     }
     results["prior_ms_per_image"] = prior_ms_per_image(manifest_all)
+    # start-up of one command: the smallest subset (start-up does not depend on the images behind it)
+    results |= startup_figures(subset[min(subset)], clip, work, args.startup_reps)
 
     # speedup_vs_naive: the same images through both whole commands
     # The naive loop at 1 and at 2 torch threads (2 is torch's default here, 1 avoids OpenMP barriers on
@@ -457,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
         f.write(markdown(results))
     log(f"figures in {args.results} and {args.markdown}")
     print(json.dumps({k: results[k] for k in ("speedup_vs_naive", "orchestration_overhead", "scaling_2_workers",
-                                              "prior_ms_per_image", "driver_ms_per_shard_at_max_rows",
+                                              "prior_ms_per_image", "startup_s", "driver_ms_per_shard_at_max_rows",
                                               "plan_s_at_max_rows")}))  # fmt: skip
     return 0
 

@@ -153,6 +153,16 @@ class MineOptions:
             raise ValueError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
 
 
+def rounds_dir(out: str | Path) -> Path:
+    out = Path(out)
+    return out.parent / f"{out.name}-rounds"
+
+
+def round_out(opts: MineOptions, k: int) -> Path:
+    """Where round k's shards go: the last round is OUT itself."""
+    return Path(opts.out) if k == opts.rounds else rounds_dir(opts.out) / f"round-{k}" / "shards"
+
+
 class PreflightError(ValueError):
     """Every problem with a run's parameters, found before Ray or Prefect do any work."""
 
@@ -275,4 +285,6 @@ __all__ = [
     "build_options",
     "param_defaults",
     "params_from",
+    "round_out",
+    "rounds_dir",
 ]

@@ -21,6 +21,7 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ import ray
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError
 
 from flows.env import apply_offline_defaults
+from flows.startup import StartupError, first_line
 
 
 class WorkerStartError(RuntimeError):
@@ -63,24 +65,68 @@ def _quiet_default_auth_notice() -> None:
         log.addFilter(_DropDefaultAuthNotice())
 
 
-def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
+RAY_START_TRIES = 3
+RAY_RETRY_PAUSE_S = 3.0  # after a failed try, times the try number: a previous run's Ray may still be exiting
+
+
+def connect_ray(
+    address: str | None = None, num_cpus: int | None = None, tries: int = RAY_START_TRIES
+) -> bool:
     """Connect to Ray; returns True when this call started it (the caller then shuts it down).
 
     address (else $RAY_ADDRESS): a running cluster ("auto", "HOST:6379", "ray://HOST:10001"). Without
     one, a fresh local instance starts with `num_cpus` (default: this process's CPUs) and no dashboard;
     "local" is passed explicitly because a bare ray.init() would join any cluster `ray start` left
     running on this machine. An already-initialised Ray (tests share one) is reused as is.
+
+    A failed start is retried (`tries` in all; what one try started is shut down first): a local head
+    node started right after another run's Ray failed "The current node timed out during startup" in
+    2 of 3 tries (2026-12-04), and a rerun succeeded. After the last try, StartupError in one line.
     """
     if ray.is_initialized():
         return False
     apply_offline_defaults()  # the processes a local Ray starts inherit the driver's environment
     address = address or os.environ.get("RAY_ADDRESS") or None
-    if address and address != "local":
-        ray.init(address=address)
-    else:
-        _quiet_default_auth_notice()
-        ray.init(address="local", num_cpus=num_cpus or local_cpu_count(), include_dashboard=False)
-    return True
+    local = not address or address == "local"
+    t0 = time.perf_counter()
+    last = ""
+    for attempt in range(1, max(1, tries) + 1):
+        try:
+            if local:
+                _quiet_default_auth_notice()
+                ray.init(address="local", num_cpus=num_cpus or local_cpu_count(), include_dashboard=False)
+            else:
+                ray.init(address=address)
+            return True
+        except Exception as exc:
+            last = first_line(exc)
+            with suppress(Exception):
+                ray.shutdown()  # whatever this try started (GCS, raylet) goes before the next
+            if attempt < tries:
+                time.sleep(RAY_RETRY_PAUSE_S * attempt)
+    waited = time.perf_counter() - t0
+    if local:
+        raise StartupError(
+            f"Ray's local head node did not start: {tries} tries, {waited:.0f} s in all (last: {last}). "
+            "Another run's Ray may still be shutting down, or other work holds the cores: rerun in a "
+            "minute; `ray stop` ends a Ray left running; logs in /tmp/ray/session_latest/logs"
+        )
+    raise StartupError(
+        f"could not connect to the Ray cluster at {address}: {tries} tries, {waited:.0f} s in all "
+        f"(last: {last}). Check the address and that the cluster is up (`ray status` on its head node)"
+    )
+
+
+@contextmanager
+def ray_session(address: str | None = None) -> Iterator[bool]:
+    """Ray for the duration of the block: connected (started locally, with retries) on entry, shut down
+    on exit when this block started it. Yields whether it did."""
+    started = connect_ray(address)
+    try:
+        yield started
+    finally:
+        if started:
+            ray.shutdown()
 
 
 @dataclass(frozen=True)
@@ -249,6 +295,8 @@ class ShardPool:
         )
         self._slots: list[_Slot] = []
         self._spawned = 0
+        self._loading: dict[Any, _Slot] = {}  # ready() refs of actors spawned but not yet waited for
+        self._spawned_at: float | None = None
         self.start_s = 0.0
 
     def _spawn(self) -> _Slot:
@@ -257,17 +305,29 @@ class ShardPool:
         self._spawned += 1
         return slot
 
+    def spawn(self) -> ShardPool:
+        """Create the actors without waiting: each imports torch and loads its models in its own process
+        while the caller goes on (the CLI starts the Prefect server meanwhile). `start` waits for them."""
+        if self._spawned_at is None:
+            self._spawned_at = time.perf_counter()
+            for _ in range(self.plan.n_workers):
+                slot = self._spawn()
+                self._loading[slot.actor.ready.remote()] = slot
+        return self
+
     def start(self, respawns_per_worker: int = 2) -> list[dict[str, Any]]:
-        """Start the actors and wait until they loaded their models; WorkerStartError if none did.
+        """Start the actors (unless `spawn` did) and wait until they loaded their models; WorkerStartError
+        if none did.
 
         An actor that dies while starting (killed, OOM, a lost node) is replaced, up to
         `respawns_per_worker` times per worker; one that does not start in `start_timeout_s` is not.
+        `start_s` counts from the spawn.
         """
-        t0 = time.perf_counter()
+        self.spawn()
+        assert self._spawned_at is not None
+        t0 = self._spawned_at
         respawns = self.plan.n_workers * respawns_per_worker
-        waiting = {
-            slot.actor.ready.remote(): slot for slot in (self._spawn() for _ in range(self.plan.n_workers))
-        }
+        waiting, self._loading = self._loading, {}
         errors: list[str] = []
         while waiting:
             remaining = self.start_timeout_s - (time.perf_counter() - t0)
@@ -295,9 +355,9 @@ class ShardPool:
         return [slot.info for slot in self._slots]
 
     def close(self) -> None:
-        for slot in self._slots:
+        for slot in [*self._slots, *self._loading.values()]:
             ray.kill(slot.actor, no_restart=True)
-        self._slots = []
+        self._slots, self._loading = [], {}
 
     def start_infos(self) -> list[dict[str, Any]]:
         """The live actors' info (host, pid, device, torch threads)."""
@@ -455,6 +515,7 @@ __all__ = [
     "ShardPool",
     "WorkerStartError",
     "connect_ray",
+    "ray_session",
     "describe_error",
     "local_cpu_count",
     "plan_pool",

@@ -23,23 +23,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from flows.options import MineOptions
+from flows.options import MineOptions, round_out, rounds_dir
 from miners.calibration import CALIBRATOR_FILENAME
 from miners.refine_clip import is_refined
 from miners.refine_clip import main as refine_main
 from qa.config import ReportConfig
 from qa.report import build_report
 from qa.rounds import write_rounds
-
-
-def rounds_dir(out: str | Path) -> Path:
-    out = Path(out)
-    return out.parent / f"{out.name}-rounds"
-
-
-def round_out(opts: MineOptions, k: int) -> Path:
-    """Where round k's shards go: the last round is OUT itself."""
-    return Path(opts.out) if k == opts.rounds else rounds_dir(opts.out) / f"round-{k}" / "shards"
 
 
 def refine_round(pairs_dir: Path, clip_out: Path, opts: MineOptions) -> Path:
