@@ -5,6 +5,7 @@ these, and importing torch and transformers there cost seconds of start-up on ev
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 CROP_MODES = ("box", "mask", "blur")
@@ -51,4 +52,27 @@ def clip_folder_problem(model_dir: str | Path) -> str | None:
     return None
 
 
-__all__ = ["CROP_MODES", "clip_folder_problem", "model_fingerprint"]
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def resolve_model_ref(ref: str | Path) -> tuple[Path, str | None]:
+    """A model given as a folder, or as a Hugging Face model id ("openai/clip-vit-base-patch16") resolved
+    offline from the local Hugging Face cache (HF_HUB_CACHE; nothing is downloaded here). Returns (folder,
+    None), or (the ref as a path, why it is neither: the cache folder it looked in included)."""
+    path = Path(ref)
+    if path.exists() or not _HUB_ID.fullmatch(str(ref)):
+        return path, None
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return Path(snapshot_download(str(ref), local_files_only=True)), None
+    except Exception:  # not cached (LocalEntryNotFoundError), or an id the hub would refuse
+        return path, (
+            f"{ref}: no such folder, and no copy of the Hugging Face model {ref} in the local cache "
+            f"{HF_HUB_CACHE} (models--{str(ref).replace('/', '--')}; nothing is downloaded here: copy a "
+            "from_pretrained folder there, or pass its path)"
+        )
+
+
+__all__ = ["CROP_MODES", "clip_folder_problem", "model_fingerprint", "resolve_model_ref"]

@@ -6,7 +6,7 @@ tiny bootstrapped CLIP by default; a real CLIP such as ViT-B/16 when given); pro
 (see miners/training/trainer.py): resolved config, resumable checkpoint, history, `metrics.json` with R1, R5,
 R10, mAP, mINP, local_grounding_acc and a `long_query` block, and `curves.png`.
 
-    python -m miners.train_rogle --pairs SHARDS [--manifest M] [--init DIR] [--out RUN_DIR]
+    python -m miners.train_rogle [--pairs SHARDS] [--manifest M] [--init DIR] [--out RUN_DIR]
         [--epochs N] [--no-local] [--no-reliability] [--seed S] [--resume | --overwrite]
 
 Run folders never overwrite each other: without `--out` each run gets a new folder
@@ -19,25 +19,38 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import shutil
+import sys
 import time
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pyarrow.compute as pc
 
 from miners.clip_scorer import clip_folder_problem, load_clip
+from miners.model_folder import resolve_model_ref
 from miners.run_config import read_committed_run
 from miners.training.data import build_clip_data
-from miners.training.trainer import TrainConfig, Trainer
+from miners.training.trainer import TrainConfig, Trainer, TrainingInterrupted
 from storage.manifest import read_manifest
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m miners.train_rogle", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", required=True, type=Path, help="committed shard folder (has _SUCCESS)")
+    ap.add_argument(
+        "--pairs",
+        type=Path,
+        help="committed shard folder (has _SUCCESS); without it the run is global-only and needs --manifest "
+        "and --init",
+    )
     ap.add_argument("--manifest", type=Path, help="default: the manifest the shards were mined from")
-    ap.add_argument("--init", type=Path, help="CLIP folder to start from (default: the mining run's CLIP)")
+    ap.add_argument(
+        "--init",
+        help="CLIP to start from: a from_pretrained folder, or a Hugging Face model id found in the local HF "
+        "cache (default: the mining run's CLIP)",
+    )
     ap.add_argument(
         "--out",
         type=Path,
@@ -54,6 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--text-mode", choices=["sentence-pool", "truncate"], default="sentence-pool")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
+    ap.add_argument(
+        "--log-every", type=int, default=50, help="one log line and a steps.csv row every N steps (0: off)"
+    )
     ap.add_argument("--device", default="auto")
     ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint")
     ap.add_argument("--overwrite", action="store_true", help="replace what RUN_DIR holds")
@@ -114,19 +130,34 @@ def claim_run_dir(out: Path | None, resume: bool, overwrite: bool) -> tuple[Path
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        plan, run_config, pairs = read_committed_run(args.pairs)
-    except Exception as exc:
-        print(f"error: cannot read committed pairs from {args.pairs}: {exc}")
-        return 2
-    manifest_path = args.manifest or Path(plan.manifest_path)
-    init = args.init or Path(run_config.rsm.clip_model)
     problems = []
+    pairs = None
+    if args.pairs is not None:
+        try:
+            plan, run_config, pairs = read_committed_run(args.pairs)
+        except Exception as exc:
+            print(f"error: cannot read committed pairs from {args.pairs}: {exc}")
+            return 2
+        manifest_path = args.manifest or Path(plan.manifest_path)
+        init = args.init or Path(run_config.rsm.clip_model)
+    else:  # a baseline without mining: the manifest's captions and images, global branch only
+        if args.manifest is None or args.init is None:
+            print(
+                "error: without --pairs, pass --manifest (the dataset) and --init (the CLIP folder to start "
+                "from): the mining run would otherwise name both"
+            )
+            return 2
+        manifest_path, init = args.manifest, args.init
+        args.no_local = True
+        print("train_rogle: no --pairs: global branch only (no mined region–sentence pairs)")
+    init, unresolved = resolve_model_ref(init)
+    if unresolved:
+        problems.append(unresolved)
     if not manifest_path.is_file():
         problems.append(
             f"manifest {manifest_path} not found" + ("" if args.manifest else " (pass --manifest)")
         )
-    clip_problem = clip_folder_problem(init)
+    clip_problem = None if unresolved else clip_folder_problem(init)
     if clip_problem:
         hint = "" if args.init else " (pass --init)"
         problems.append(f"{clip_problem}{hint}")
@@ -138,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     args.out = out
     table, meta = read_manifest(manifest_path)
-    pairs = pairs.filter(pc.equal(pairs["split"], "train"))
+    if pairs is not None:
+        pairs = pairs.filter(pc.equal(pairs["split"], "train"))
 
     cfg = TrainConfig(
         epochs=args.epochs,
@@ -150,9 +182,28 @@ def main(argv: list[str] | None = None) -> int:
         reliability_threshold=args.reliability_threshold,
         seed=args.seed,
         eval_every_epochs=args.eval_every,
+        log_every_steps=args.log_every,
         device=args.device,
     )
-    model, processor = load_clip(init, "cpu")
+    ckpt = args.out / "checkpoint"
+    resuming = args.resume and (ckpt / "trainer_state.pt").is_file()
+    if resuming:
+        # The run continues from its own weights, never from --init: a preempted run resumed at epoch 30
+        # used to train the start model for the remaining epochs at a decayed lr (issue 24)
+        changed = config_changes(args.out / "config.json", cfg)
+        if changed:
+            print(
+                f"error: --resume: {args.out} was trained with other settings ({'; '.join(changed)}); "
+                f"resume with the original flags (in {args.out / 'run_args.json'}), or train anew with "
+                "--overwrite or another --out"
+            )
+            return 2
+        model, processor = load_clip(ckpt, "cpu")
+        print(f"train_rogle: resuming {args.out} from its checkpoint (weights, optimizer, schedule, RNG)")
+    else:
+        if args.resume:
+            print(f"train_rogle: --resume: {args.out} has no checkpoint yet; starting it from {init}")
+        model, processor = load_clip(init, "cpu")
     t0 = time.perf_counter()
     train_rows = table.filter(pc.equal(table["split"], "train"))
     test_rows = table.filter(pc.equal(table["split"], "test"))
@@ -179,10 +230,22 @@ def main(argv: list[str] | None = None) -> int:
         f"{', local branch off' if args.no_local else ''}), "
         f"{len(test) if test else 0} test captions; data in {time.perf_counter() - t0:.1f}s"
     )
+    skipped = {"train": train.skipped, "test": test.skipped if test else {}}
+    for split, images in skipped.items():  # an unreadable test image shrinks the gallery: say which
+        if images:
+            shown = "; ".join(f"{iid}: {why}" for iid, why in list(images.items())[:5])
+            more = f" (and {len(images) - 5} more, in run_args.json)" if len(images) > 5 else ""
+            print(f"train_rogle: {len(images)} {split} image(s) skipped, unreadable: {shown}{more}")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.out.parent.resolve() == DEFAULT_RUNS.resolve():
         point_latest(args.out)
-    (args.out / "run_args.json").write_text(
+    run_args_path = args.out / "run_args.json"
+    if resuming and run_args_path.is_file():  # the original run's arguments stay; each resume adds its own
+        k = 1
+        while (args.out / f"run_args.resume-{k}.json").exists():
+            k += 1
+        run_args_path = args.out / f"run_args.resume-{k}.json"
+    run_args_path.write_text(
         json.dumps(
             {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
             | {
@@ -190,17 +253,49 @@ def main(argv: list[str] | None = None) -> int:
                 "init_resolved": str(init),
                 "local_pairs": n_local,
                 "local_weight_mean": sum(weights) / n_local if n_local else None,
+                "skipped_images": skipped,
             },
             indent=2,
         )
     )
     trainer = Trainer(model, processor, cfg, args.out)
-    metrics = trainer.fit(train, test, resume=args.resume)
+    try:
+        metrics = trainer.fit(train, test, resume=resuming)
+    except TrainingInterrupted as exc:
+        print(f"train_rogle: stopped by {exc}")
+        print(f"train_rogle: to resume: {resume_command(argv, args.out)}")
+        return 128 + exc.signum  # the shell's code for a process ended by that signal
     if metrics:
         print(metrics_line(metrics) + f"  → {args.out}")
     else:
         print(f"train_rogle: no test split in {manifest_path}: nothing evaluated  → {args.out}")
     return 0
+
+
+# Settings that may differ on --resume: where it runs and how often it evaluates change no weight
+RESUME_MAY_CHANGE = ("device", "eval_every_epochs", "log_every_steps")
+
+
+def config_changes(saved_config: Path, cfg: TrainConfig) -> list[str]:
+    """'name saved → given' for every TrainConfig field a resume would change (none when the run wrote no
+    config yet)."""
+    if not saved_config.is_file():
+        return []
+    saved = json.loads(saved_config.read_text())
+    return [
+        f"{name} {saved[name]!r} → {value!r}"
+        for name, value in asdict(cfg).items()
+        if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value
+    ]
+
+
+def resume_command(argv: list[str] | None, out: Path) -> str:
+    """The command line that continues this run: the same arguments, --out RUN_DIR and --resume."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    words = [w for w in words if w not in ("--resume", "--overwrite")]
+    if "--out" not in words:
+        words += ["--out", str(out)]
+    return " ".join(shlex.quote(w) for w in ["python", "-m", "miners.train_rogle", *words, "--resume"])
 
 
 def metrics_line(metrics: dict) -> str:

@@ -9,11 +9,18 @@ with optimizer, scheduler, step, epoch and RNG states: resuming continues exactl
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import random
+import resource
 import shutil
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,6 +44,16 @@ from miners.training.data import ClipData
 from miners.training.evaluation import caption_embeddings, evaluate_global, evaluate_local
 
 
+class TrainingInterrupted(RuntimeError):
+    """SIGINT / SIGTERM stopped `fit` at a step boundary, after saving a checkpoint that `resume` continues
+    exactly (mid-epoch included)."""
+
+    def __init__(self, checkpoint: Path, signum: int, epoch: int, step: int):
+        self.checkpoint, self.signum, self.epoch, self.step = checkpoint, signum, epoch, step
+        name = signal.Signals(signum).name
+        super().__init__(f"{name} at epoch {epoch + 1}, step {step}: checkpoint saved in {checkpoint}")
+
+
 @dataclass
 class TrainConfig:
     epochs: int = 12
@@ -54,6 +71,7 @@ class TrainConfig:
     device: str = "auto"
     amp: bool = True  # bf16 autocast on CUDA only
     max_grad_norm: float = 5.0
+    log_every_steps: int = 50  # one plain line + a steps.csv row every N optimizer steps (0: off)
 
 
 def identity_aware_loss(text_emb, image_emb, pids, logit_scale) -> torch.Tensor:
@@ -108,6 +126,11 @@ class Trainer:
         self.scheduler = None
         self.step = 0
         self.epoch = 0
+        # Where in the current epoch a checkpoint taken mid-epoch (a preemption) stands: batches done and the
+        # running sums of their logs, so the resumed epoch's record equals an uninterrupted one's
+        self.batch_in_epoch = 0
+        self.epoch_sums: dict[str, float] = {}
+        self.stop_signal: int | None = None  # set by SIGINT/SIGTERM during fit: stop at the next step
 
     # --- checkpointing -------------------------------------------------------------------------
     def _make_scheduler(self, total_steps: int):
@@ -131,6 +154,8 @@ class Trainer:
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "step": self.step,
             "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "epoch_sums": dict(self.epoch_sums),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state(),
@@ -156,6 +181,8 @@ class Trainer:
         if state["scheduler"]:
             self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch = state["step"], state["epoch"]
+        self.batch_in_epoch = state.get("batch_in_epoch", 0)  # checkpoints before mid-epoch saves: 0
+        self.epoch_sums = dict(state.get("epoch_sums", {}))
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -230,16 +257,53 @@ class Trainer:
             random.seed(cfg.seed)
             self.scheduler = self._make_scheduler(total_steps)
             history_path.write_text("")
+            (self.run_dir / STEPS_CSV).unlink(missing_ok=True)
+        self._step_log = StepLog(self.run_dir / STEPS_CSV, cfg.log_every_steps, self.device)
         use_amp = cfg.amp and self.device.type == "cuda"
         metrics: dict = {}
         last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, self.epoch + stop_after)
+        with self._stop_on_signals():
+            metrics = self._train_epochs(train, test, last_epoch, steps_per_epoch, history_path, use_amp)
+        if test is not None and not metrics:
+            metrics = self.evaluate(test)
+        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        plot_curves(history_path, self.run_dir / "curves.png")
+        return metrics
+
+    @contextmanager
+    def _stop_on_signals(self) -> Iterator[None]:
+        """SIGINT / SIGTERM (a preemption) during fit set `stop_signal`; the loop then saves a checkpoint at
+        the next step boundary and raises TrainingInterrupted. A second SIGINT stops at once (no save).
+        Handlers exist only in the main thread (Python's rule); elsewhere signals keep their default."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self.stop_signal == signal.SIGINT and signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            self.stop_signal = signum
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _train_epochs(
+        self, train, test, last_epoch: int, steps_per_epoch: int, history_path: Path, use_amp
+    ) -> dict:
+        cfg = self.cfg
+        metrics: dict = {}
         while self.epoch < last_epoch:
             self.model.train()
             batches = self._epoch_batches(train, self.epoch)
             t0 = time.perf_counter()
             # A bar on a terminal only (disable=None); every epoch also ends with one plain line below.
-            bar = tqdm(batches, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, disable=None)
-            sums: dict[str, float] = {}
+            todo = batches[self.batch_in_epoch :]  # a checkpoint taken mid-epoch continues where it stopped
+            bar = tqdm(todo, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, disable=None)
+            sums = self.epoch_sums
             for idx in bar:
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
                     loss, logs = (
@@ -249,14 +313,20 @@ class Trainer:
                     )
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 self.optimizer.step()
                 self.scheduler.step()
                 self.step += 1
+                self.batch_in_epoch += 1
+                self._step_log.after_step(self, logs, len(idx), float(grad_norm))
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
+                if self.stop_signal is not None:
+                    bar.close()
+                    raise TrainingInterrupted(self.save_checkpoint(), self.stop_signal, self.epoch, self.step)
             self.epoch += 1
+            self.batch_in_epoch, self.epoch_sums = 0, {}
             record = {k: v / steps_per_epoch for k, v in sums.items()}
             record.update(epoch=self.epoch, step=self.step, epoch_seconds=time.perf_counter() - t0)
             if test is not None and (self.epoch % cfg.eval_every_epochs == 0 or self.epoch == cfg.epochs):
@@ -266,10 +336,10 @@ class Trainer:
                 fh.write(json.dumps(record) + "\n")
             print(epoch_line(record, cfg.epochs), flush=True)
             self.save_checkpoint()
-        if test is not None and not metrics:
-            metrics = self.evaluate(test)
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        plot_curves(history_path, self.run_dir / "curves.png")
+            if self.stop_signal is not None:  # arrived during the evaluation or the save: stop here
+                raise TrainingInterrupted(
+                    self.run_dir / "checkpoint", self.stop_signal, self.epoch, self.step
+                )
         return metrics
 
     def _epoch_batches(self, train, epoch: int) -> list[np.ndarray]:
@@ -287,6 +357,58 @@ class Trainer:
         out = evaluate_global(self.model, test, self.processor, self.cfg.text_mode)
         out.update(evaluate_local(self.model, test, self.processor))
         return out
+
+
+STEPS_CSV = "steps.csv"
+STEP_FIELDS = ["step", "epoch", "loss", "loss_global", "loss_local", "lr", "logit_scale", "grad_norm",
+               "samples_per_s", "peak_mem_mb"]  # fmt: skip
+
+
+class StepLog:
+    """Every `every` optimizer steps: one plain line (batch jobs see progress without a terminal) and the
+    same figures as a row of RUN_DIR/steps.csv (appended across resumes). Losses are the step's own, lr the
+    first parameter group's, samples/s since the previous line, peak memory the CUDA allocator's peak on a
+    GPU and the process's peak RSS on a CPU, in MiB."""
+
+    def __init__(self, path: Path, every: int, device: torch.device):
+        self.path, self.every, self.device = path, max(0, every), device
+        self.samples, self.t_last = 0, time.perf_counter()
+
+    def after_step(self, trainer: Trainer, logs: dict, batch_size: int, grad_norm: float) -> None:
+        self.samples += batch_size
+        if not self.every or trainer.step % self.every:
+            return
+        now = time.perf_counter()
+        row = {k: logs.get(k) for k in ("loss", "loss_global", "loss_local")}
+        row |= {
+            "step": trainer.step,
+            "epoch": trainer.epoch + 1,
+            "lr": trainer.optimizer.param_groups[0]["lr"],
+            "logit_scale": float(trainer.model.logit_scale.detach().exp())
+            if hasattr(trainer.model, "logit_scale")
+            else None,
+            "grad_norm": grad_norm,
+            "samples_per_s": self.samples / max(1e-9, now - self.t_last),
+            "peak_mem_mb": self.peak_mem_mb(),
+        }
+        self.samples, self.t_last = 0, now
+        print(
+            f"step {row['step']} (epoch {row['epoch']}): "
+            + "  ".join(f"{k} {row[k]:.4g}" for k in STEP_FIELDS[2:] if row.get(k) is not None),
+            flush=True,
+        )
+        new = not self.path.is_file()
+        with self.path.open("a", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=STEP_FIELDS)
+            if new:
+                writer.writeheader()
+            writer.writerow({k: "" if row.get(k) is None else row[k] for k in STEP_FIELDS})
+
+    def peak_mem_mb(self) -> float:
+        if self.device.type == "cuda":
+            return torch.cuda.max_memory_allocated(self.device) / 2**20
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def epoch_line(record: dict, epochs: int) -> str:

@@ -194,3 +194,153 @@ def test_a_non_empty_folder_that_is_no_run_is_named_so_and_never_deleted(tmp_pat
     (notes / "run_args.json").write_text("{}")
     assert "already holds a training run" in claim_run_dir(notes, resume=False, overwrite=False)[1]
     assert claim_run_dir(tmp_path / "empty", resume=False, overwrite=False) == (tmp_path / "empty", None)
+
+
+def test_a_signal_stops_training_at_a_step_and_the_cli_resume_continues_exactly(tiny_run, tmp_path):
+    """`train_rogle` straight vs SIGTERM after epoch 1 (a preemption) + the `--resume` command it prints:
+    the same weights and the same metrics.json. --resume used to rebuild the model from --init."""
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    root = Path(__file__).resolve().parents[3]
+    env = os.environ | {"PYTHONPATH": str(root)}
+    base = [sys.executable, "-m", "miners.train_rogle", "--pairs", str(tiny_run), "--epochs", "3",
+            "--batch-size", "4", "--reliability-threshold", "0.0"]  # fmt: skip
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    done = subprocess.run([*base, "--out", str(straight)], env=env, cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    proc = subprocess.Popen(
+        [*base, "--out", str(stopped)], env=env, cwd=root, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout is not None
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("epoch 1/3"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    said = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, said
+    assert "stopped by SIGTERM" in said
+    state = torch.load(stopped / "checkpoint" / "trainer_state.pt", weights_only=False)
+    assert state["epoch"] < 3, "the signal came too late to interrupt anything"
+    original_args = (stopped / "run_args.json").read_text()
+
+    resume_line = next(ln for ln in said.splitlines() if ln.startswith("train_rogle: to resume: "))
+    command = shlex.split(resume_line.split("to resume: ", 1)[1])
+    assert command[:3] == ["python", "-m", "miners.train_rogle"] and command[-1] == "--resume"
+    resumed = subprocess.run(
+        [sys.executable, *command[1:]], env=env, cwd=root, capture_output=True, text=True
+    )
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resuming" in resumed.stdout
+
+    a = load_file(straight / "checkpoint" / "model.safetensors")
+    b = load_file(stopped / "checkpoint" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=1e-6, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+    assert json.loads((straight / "metrics.json").read_text()) == json.loads(
+        (stopped / "metrics.json").read_text()
+    )
+    assert (stopped / "run_args.json").read_text() == original_args  # the original run's arguments are kept
+    assert (stopped / "run_args.resume-1.json").is_file()
+
+
+def test_resume_with_other_settings_is_refused_naming_them(tiny_run, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["--pairs", str(tiny_run), "--out", str(out), "--epochs", "1", "--batch-size", "8"]
+    assert rogle_main(argv) == 0
+    weights = (out / "checkpoint" / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    assert rogle_main([*argv[:-2], "--batch-size", "4", "--lr", "0.01", "--resume"]) == 2
+    said = capsys.readouterr().out
+    assert "batch_size 8 → 4" in said and "lr 0.0001 → 0.01" in said and "--overwrite" in said
+    assert (out / "checkpoint" / "model.safetensors").read_bytes() == weights
+
+
+def test_train_rogle_from_a_manifest_alone_is_global_only_and_says_so(
+    tiny_dataset, tiny_clip_dir, tmp_path, capsys
+):
+    manifest = str(tiny_dataset / "manifest.parquet")
+    out = tmp_path / "baseline"
+    assert rogle_main(["--manifest", manifest, "--out", str(out)]) == 2
+    assert "without --pairs, pass --manifest (the dataset) and --init" in capsys.readouterr().out
+    assert not out.exists()
+    argv = ["--manifest", manifest, "--init", str(tiny_clip_dir), "--out", str(out), "--epochs", "1"]
+    assert rogle_main([*argv, "--batch-size", "8"]) == 0
+    said = capsys.readouterr().out
+    assert "no --pairs: global branch only" in said and "0 local pairs" in said
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert "loss_local" not in history[0] and "R1" in json.loads((out / "metrics.json").read_text())
+
+
+def test_train_rogle_logs_steps_and_names_skipped_images(tiny_dataset, tiny_clip_dir, tmp_path, capsys):
+    import csv
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from storage.manifest import main as manifest_main
+
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data, ignore=shutil.ignore_patterns("manifest.parquet"))
+    assert manifest_main(["--format", "pvlg", "--root", str(data), "--out", str(data / "m.parquet")]) == 0
+    rows = pq.read_table(data / "m.parquet").to_pylist()
+    broken = next(r for r in rows if r["split"] == "test")
+    (data / broken["image_path"]).write_bytes(b"not an image")  # unreadable after the import
+    capsys.readouterr()
+    out = tmp_path / "run"
+    argv = ["--manifest", str(data / "m.parquet"), "--init", str(tiny_clip_dir), "--out", str(out)]
+    assert rogle_main([*argv, "--epochs", "1", "--batch-size", "4", "--log-every", "2"]) == 0
+    said = capsys.readouterr().out
+    assert f"1 test image(s) skipped, unreadable: {broken['image_id']}" in said
+    skipped = json.loads((out / "run_args.json").read_text())["skipped_images"]
+    assert list(skipped["test"]) == [broken["image_id"]] and skipped["train"] == {}
+    steps = list(csv.DictReader((out / "steps.csv").open()))
+    assert [int(r["step"]) for r in steps] == list(range(2, 2 * len(steps) + 1, 2)) and len(steps) >= 2
+    assert float(steps[0]["lr"]) > 0  # the cosine schedule ends at 0 on the last step
+    for row in steps:
+        assert float(row["lr"]) >= 0 and float(row["samples_per_s"]) > 0 and float(row["peak_mem_mb"]) > 0
+        assert float(row["grad_norm"]) >= 0 and float(row["logit_scale"]) > 0 and row["loss"]
+    assert "step 2 (epoch 1): loss " in said and " lr " in said and "samples_per_s" in said
+
+
+def test_init_accepts_a_hugging_face_id_from_the_local_cache_and_names_the_cache_when_absent(
+    tiny_dataset, tiny_clip_dir, tmp_path
+):
+    """The cache is laid out on disk by the test as huggingface_hub lays it out (refs/main → a snapshot)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--acme--tiny-clip"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_clip_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    root = Path(__file__).resolve().parents[3]
+    env = os.environ | {"PYTHONPATH": str(root), "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    base = [sys.executable, "-m", "miners.train_rogle", "--manifest", str(tiny_dataset / "manifest.parquet"),
+            "--epochs", "1", "--batch-size", "8"]  # fmt: skip
+    ok = subprocess.run([*base, "--init", "acme/tiny-clip", "--out", str(tmp_path / "a")], env=env, cwd=root,
+                        capture_output=True, text=True)  # fmt: skip
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    run_args = json.loads((tmp_path / "a" / "run_args.json").read_text())
+    assert run_args["init_resolved"] == str(repo / "snapshots" / commit)
+    missing = subprocess.run([*base, "--init", "acme/other-clip", "--out", str(tmp_path / "b")], env=env,
+                             cwd=root, capture_output=True, text=True)  # fmt: skip
+    assert missing.returncode == 2
+    assert f"no copy of the Hugging Face model acme/other-clip in the local cache {cache}" in missing.stdout
+    assert not (tmp_path / "b").exists()
