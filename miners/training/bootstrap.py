@@ -27,7 +27,7 @@ from miners.bank import BANK_ARRAYS, BANK_META
 from miners.calibration import CALIBRATOR_FILENAME
 from miners.training.data import build_clip_data
 from miners.training.tiny_clip import TinyClipConfig, build_model, build_processor, build_tokenizer
-from miners.training.trainer import TrainConfig, Trainer
+from miners.training.trainer import TrainConfig, Trainer, training_settings
 
 
 def manifest_fingerprint(path: Path) -> str:
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_every_epochs=args.eval_every,
     )
     # What the model depends on; not where it ran or how often it was evaluated.
-    train_settings = {k: v for k, v in asdict(train_cfg).items() if k not in ("device", "eval_every_epochs")}
+    train_settings = training_settings(train_cfg)
     settings = {"model": asdict(model_cfg), "train": train_settings}
     fingerprint = {"manifest": manifest_fingerprint(args.manifest), "settings": settings}
     report_path = args.out / "bootstrap.json"

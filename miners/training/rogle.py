@@ -23,7 +23,6 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from miners.clip_scorer import clip_folder_problem, load_clip
 from miners.model_folder import resolve_model_ref
 from miners.run_config import read_committed_run
 from miners.training.data import build_clip_data
-from miners.training.trainer import TrainConfig, Trainer, TrainingInterrupted
+from miners.training.trainer import TrainConfig, Trainer, TrainingInterrupted, training_settings
 from storage.manifest import read_manifest
 
 
@@ -272,10 +271,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# Settings that may differ on --resume: where it runs and how often it evaluates change no weight
-RESUME_MAY_CHANGE = ("device", "eval_every_epochs", "log_every_steps")
-
-
 def config_changes(saved_config: Path, cfg: TrainConfig) -> list[str]:
     """'name saved → given' for every TrainConfig field a resume would change (none when the run wrote no
     config yet)."""
@@ -284,8 +279,8 @@ def config_changes(saved_config: Path, cfg: TrainConfig) -> list[str]:
     saved = json.loads(saved_config.read_text())
     return [
         f"{name} {saved[name]!r} → {value!r}"
-        for name, value in asdict(cfg).items()
-        if name not in RESUME_MAY_CHANGE and name in saved and saved[name] != value
+        for name, value in training_settings(cfg).items()
+        if name in saved and saved[name] != value
     ]
 
 

@@ -43,6 +43,16 @@ from miners.encoders import (
 from miners.training.data import ClipData
 from miners.training.evaluation import caption_embeddings, evaluate_global, evaluate_local
 
+# TrainConfig fields that change no weight (where the run goes, how often it evaluates and logs): a model's
+# identity (the bootstrap's reuse check) and a resume's refusal leave them out, so a release adding one of
+# them neither retrains a finished model nor refuses a resume
+RUN_ONLY_FIELDS = ("device", "eval_every_epochs", "log_every_steps")
+
+
+def training_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The TrainConfig fields that decide the weights."""
+    return {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS}
+
 
 class TrainingInterrupted(RuntimeError):
     """SIGINT / SIGTERM stopped `fit` at a step boundary, after saving a checkpoint that `resume` continues

@@ -11,7 +11,13 @@ from miners.clip_scorer import load_clip
 from miners.train_rogle import main as rogle_main
 from miners.training.bootstrap import main as bootstrap_main
 from miners.training.data import build_clip_data
-from miners.training.trainer import TrainConfig, Trainer, identity_aware_loss, local_alignment_loss
+from miners.training.trainer import (
+    RUN_ONLY_FIELDS,
+    TrainConfig,
+    Trainer,
+    identity_aware_loss,
+    local_alignment_loss,
+)
 
 
 def test_identity_aware_loss_treats_same_person_as_positive():
@@ -86,6 +92,10 @@ def test_bootstrap_cli_writes_a_loadable_model_and_reuses_it(tiny_dataset, tmp_p
     capsys.readouterr()
     assert bootstrap_main(args) == 0
     assert "reusing" in capsys.readouterr().out
+    # Fields that change no weight are not part of the model's identity: a release that adds one (as
+    # log_every_steps was added) must reuse a model an earlier release trained, not retrain it and so
+    # invalidate every run mined with it
+    assert not set(RUN_ONLY_FIELDS) & set(report["fingerprint"]["settings"]["train"])
     assert bootstrap_main(["--manifest", str(tmp_path / "missing.parquet"), "--out", str(out)]) == 2
     # Other settings into a folder that holds a model (with a bank and calibrator built for it): refused,
     # nothing touched (before: the model was silently replaced and its bank and calibrator left stale)
