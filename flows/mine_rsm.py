@@ -29,6 +29,7 @@ from typing import Any
 import ray
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE as NO_CACHE
+from prefect.exceptions import FailedRun
 from prefect.states import Failed, State
 
 from flows.env import apply_offline_defaults
@@ -74,6 +75,7 @@ from storage.shards import (
     begin_run,
     commit_shard,
     finalize_run,
+    load_run_plan,
     pending_shards,
 )
 
@@ -136,16 +138,16 @@ def mine_pending(
     try:
         report.ray_start_s = time.perf_counter() - t0
         worker_config = asdict(opts.config)
-        pool = take_warm_pool(worker_config, actor_cls)
+        # Read and sort once; load_shard_rows slices (and checks) each shard's rows out of it
+        manifest = read_sorted_manifest(plan.manifest_path)
+        progress = Progress(n_done=len(plan.shards) - len(pending), n_total=len(plan.shards))
+        pool = take_warm_pool(worker_config, actor_cls)  # taken right before `with`: nothing can leak it
         if pool is None:
             pool_plan = plan_pool(
                 len(pending), ray.cluster_resources(), opts.max_workers, opts.gpus_per_worker
             )
             pool = ShardPool(worker_config, pool_plan, actor_cls=actor_cls)
         report.pool_reason = f"{pool.plan.n_workers} worker(s): {pool.plan.reason}"
-        # Read and sort once; load_shard_rows slices (and checks) each shard's rows out of it
-        manifest = read_sorted_manifest(plan.manifest_path)
-        progress = Progress(n_done=len(plan.shards) - len(pending), n_total=len(plan.shards))
         with pool:
             CLOCK.mark("workers_ready")
             report.workers, report.workers_start_s = pool.start_infos(), pool.start_s
@@ -190,8 +192,10 @@ def prestart_workers(opts: MineOptions) -> ShardPool | None:
     plan = plan_for(opts)
     if (first / RUN_FILE).is_file():
         try:
+            if load_run_plan(first).run_id != plan.run_id:
+                return None  # another run's folder: refused with its message when the run begins
             n_pending = len(pending_shards(first, plan, check_hash=False))
-        except Exception:  # another run's folder: refused with its message when the run begins
+        except Exception:  # unreadable: the run's own start says what is wrong
             return None
     else:
         n_pending = len(plan.shards)
@@ -447,9 +451,11 @@ def main(argv: list[str] | None = None) -> int:
                 summary.pop("qa_report", None)
             else:
                 summary = mine_rsm(**(values | {"progress_bar": True}))
-                if not isinstance(summary, dict):  # a Failed state (its message was logged)
-                    print(f"error: {summary.message}", file=sys.stderr)
-                    return 3 if str(summary.message).startswith("start-up") else 2
+    except FailedRun as exc:  # the flow ended Failed with its one-line message (preflight or start-up)
+        print(f"error: {exc}", file=sys.stderr)
+        if debug:
+            raise
+        return 3 if str(exc).startswith("start-up") else 2
     except StartupError as exc:  # rc 3: something did not start; a rerun may succeed
         print(f"error: {exc}", file=sys.stderr)
         if debug:

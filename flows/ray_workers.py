@@ -91,6 +91,7 @@ def connect_ray(
     t0 = time.perf_counter()
     last = ""
     for attempt in range(1, max(1, tries) + 1):
+        before = _child_pids()
         try:
             if local:
                 _quiet_default_auth_notice()
@@ -101,7 +102,10 @@ def connect_ray(
         except Exception as exc:
             last = first_line(exc)
             with suppress(Exception):
-                ray.shutdown()  # whatever this try started (GCS, raylet) goes before the next
+                ray.shutdown()
+            # A head node that timed out is raised before Ray records it, so shutdown() does not reach its
+            # GCS, raylet and agents: end what this try started, by pid, before the next try
+            _end_processes(_child_pids() - before)
             if attempt < tries:
                 time.sleep(RAY_RETRY_PAUSE_S * attempt)
     waited = time.perf_counter() - t0
@@ -115,6 +119,27 @@ def connect_ray(
         f"could not connect to the Ray cluster at {address}: {tries} tries, {waited:.0f} s in all "
         f"(last: {last}). Check the address and that the cluster is up (`ray status` on its head node)"
     )
+
+
+def _child_pids() -> set[int]:
+    import psutil  # Ray's own dependency
+
+    return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+def _end_processes(pids: set[int], grace_s: float = 5.0) -> None:
+    import psutil
+
+    procs = []
+    for pid in pids:
+        with suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            proc.terminate()
+            procs.append(proc)
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    for proc in alive:
+        with suppress(psutil.Error):
+            proc.kill()
 
 
 @contextmanager
@@ -327,7 +352,7 @@ class ShardPool:
         assert self._spawned_at is not None
         t0 = self._spawned_at
         respawns = self.plan.n_workers * respawns_per_worker
-        waiting, self._loading = self._loading, {}
+        waiting = self._loading  # the same dict: what is still loading stays visible to close()
         errors: list[str] = []
         while waiting:
             remaining = self.start_timeout_s - (time.perf_counter() - t0)
@@ -338,17 +363,22 @@ class ShardPool:
                         f"worker {slot.index}: not started after {self.start_timeout_s:.0f}s (resources busy?)"
                     )
                     ray.kill(slot.actor, no_restart=True)
+                waiting.clear()
                 break
             slot = waiting.pop(ready[0])
             try:
                 slot.info = ray.get(ready[0])
-                self._slots.append(slot)
             except (RayActorError, RayTaskError) as exc:
                 errors.append(f"worker {slot.index}: {describe_error(exc)}")
                 if respawns > 0:
                     respawns -= 1
                     fresh = self._spawn()
                     waiting[fresh.actor.ready.remote()] = fresh
+                continue
+            except BaseException:  # anything else (a lost object, Ctrl-C): this actor must not outlive us
+                ray.kill(slot.actor, no_restart=True)
+                raise
+            self._slots.append(slot)
         self.start_s = time.perf_counter() - t0
         if not self._slots:
             raise WorkerStartError(f"no mining worker could start: {'; '.join(errors)}")
@@ -364,7 +394,11 @@ class ShardPool:
         return [slot.info for slot in self._slots]
 
     def __enter__(self) -> ShardPool:
-        self.start()
+        try:
+            self.start()
+        except BaseException:  # no __exit__ follows a failed __enter__: end the actors here
+            self.close()
+            raise
         return self
 
     def __exit__(self, *exc_info) -> None:

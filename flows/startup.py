@@ -15,6 +15,7 @@ other work on the cores failed a new user's first `make demo` with a traceback.
 
 from __future__ import annotations
 
+import contextvars
 import os
 import threading
 import time
@@ -112,7 +113,11 @@ class TemporaryPrefectServer:
         self.error: StartupError | None = None
         self.api_url: str | None = None
         self.seconds = 0.0
-        self._thread = threading.Thread(target=self._run, name="prefect-temporary-server", daemon=True)
+        # The caller's context (e.g. temporary_settings) holds in the thread too: the same settings start it
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._run,), name="prefect-temporary-server", daemon=True
+        )
 
     def begin(self) -> TemporaryPrefectServer:
         self._thread.start()

@@ -149,14 +149,18 @@ def main(argv: list[str] | None = None) -> int:
         manifest_path, init = args.manifest, args.init
         args.no_local = True
         print("train_rogle: no --pairs: global branch only (no mined region–sentence pairs)")
-    init, unresolved = resolve_model_ref(init)
+    # A resume starts from the run's own checkpoint: the start model need not exist any more
+    has_checkpoint = bool(
+        args.resume and args.out and (Path(args.out) / "checkpoint" / "trainer_state.pt").is_file()
+    )
+    init, unresolved = (Path(init), None) if has_checkpoint else resolve_model_ref(init)
     if unresolved:
         problems.append(unresolved)
     if not manifest_path.is_file():
         problems.append(
             f"manifest {manifest_path} not found" + ("" if args.manifest else " (pass --manifest)")
         )
-    clip_problem = None if unresolved else clip_folder_problem(init)
+    clip_problem = None if unresolved or has_checkpoint else clip_folder_problem(init)
     if clip_problem:
         hint = "" if args.init else " (pass --init)"
         problems.append(f"{clip_problem}{hint}")
@@ -259,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     trainer = Trainer(model, processor, cfg, args.out)
     try:
-        metrics = trainer.fit(train, test, resume=resuming)
+        metrics = trainer.fit(train, test, resume=resuming, stop_on_signals=True)
+    except ValueError as exc:  # a resume whose data no longer matches its checkpoint
+        print(f"error: --resume: {exc}; resume with the run's own data, or train anew with --overwrite")
+        return 2
     except TrainingInterrupted as exc:
         print(f"train_rogle: stopped by {exc}")
         print(f"train_rogle: to resume: {resume_command(argv, args.out)}")

@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -56,12 +56,11 @@ def training_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 class TrainingInterrupted(RuntimeError):
     """SIGINT / SIGTERM stopped `fit` at a step boundary, after saving a checkpoint that `resume` continues
-    exactly (mid-epoch included)."""
+    exactly (mid-epoch included). `where` says it for people: "at epoch 2, step 9" or "after epoch 1"."""
 
-    def __init__(self, checkpoint: Path, signum: int, epoch: int, step: int):
-        self.checkpoint, self.signum, self.epoch, self.step = checkpoint, signum, epoch, step
-        name = signal.Signals(signum).name
-        super().__init__(f"{name} at epoch {epoch + 1}, step {step}: checkpoint saved in {checkpoint}")
+    def __init__(self, checkpoint: Path, signum: int, where: str):
+        self.checkpoint, self.signum = checkpoint, signum
+        super().__init__(f"{signal.Signals(signum).name} {where}: checkpoint saved in {checkpoint}")
 
 
 @dataclass
@@ -141,6 +140,8 @@ class Trainer:
         self.batch_in_epoch = 0
         self.epoch_sums: dict[str, float] = {}
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM during fit: stop at the next step
+        self._saving = False  # a second SIGINT waits while a checkpoint is being swapped in
+        self._steps_per_epoch: int | None = None
 
     # --- checkpointing -------------------------------------------------------------------------
     def _make_scheduler(self, total_steps: int):
@@ -154,6 +155,13 @@ class Trainer:
         return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
 
     def save_checkpoint(self) -> Path:
+        self._saving = True
+        try:
+            return self._save_checkpoint()
+        finally:
+            self._saving = False
+
+    def _save_checkpoint(self) -> Path:
         ckpt = self.run_dir / "checkpoint"
         tmp = self.run_dir / ".checkpoint.tmp"
         tmp.mkdir(parents=True, exist_ok=True)
@@ -166,6 +174,7 @@ class Trainer:
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
             "epoch_sums": dict(self.epoch_sums),
+            "steps_per_epoch": self._steps_per_epoch,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state(),
@@ -185,6 +194,14 @@ class Trainer:
 
     def load_state(self, ckpt: Path, total_steps: int) -> None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
+        saved_steps = state.get("steps_per_epoch")
+        if saved_steps is not None and saved_steps != self._steps_per_epoch:
+            # Another number of batches per epoch (other pairs or manifest, images now unreadable): the
+            # schedule and the position in the epoch would not continue the run, they would restart another
+            raise ValueError(
+                f"the training data changed since the checkpoint: {saved_steps} steps per epoch then, "
+                f"{self._steps_per_epoch} now (other --pairs / --manifest, or unreadable images)"
+            )
         # The scheduler's constructor rewrites the groups' lr, so build it before restoring the optimizer.
         self.scheduler = self._make_scheduler(total_steps)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -247,6 +264,7 @@ class Trainer:
         test: ClipData | None = None,
         resume: bool = False,
         stop_after: int | None = None,
+        stop_on_signals: bool = False,
     ) -> dict:
         """Train to cfg.epochs (or only `stop_after` more epochs: a time-boxed slice of a longer run,
         which `resume=True` later continues exactly); returns the last evaluation's metrics."""
@@ -256,11 +274,17 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
         steps_per_epoch = len(self._epoch_batches(train, 0))
+        self._steps_per_epoch = steps_per_epoch
+        self.stop_signal = None
         total_steps = steps_per_epoch * cfg.epochs
         ckpt = self.run_dir / "checkpoint"
         history_path = self.run_dir / "history.jsonl"
         if resume and (ckpt / "trainer_state.pt").exists():
             self.load_state(ckpt, total_steps)
+            # A process killed after its last checkpoint (SIGKILL, OOM) logged past it: those records go,
+            # the resumed run writes them again
+            _keep_records(history_path, lambda r: r.get("epoch", 0) <= self.epoch, jsonl=True)
+            _keep_records(self.run_dir / STEPS_CSV, lambda r: int(r["step"]) <= self.step, jsonl=False)
         else:
             torch.manual_seed(cfg.seed)
             np.random.seed(cfg.seed)
@@ -272,7 +296,7 @@ class Trainer:
         use_amp = cfg.amp and self.device.type == "cuda"
         metrics: dict = {}
         last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, self.epoch + stop_after)
-        with self._stop_on_signals():
+        with self._stop_on_signals() if stop_on_signals else nullcontext():
             metrics = self._train_epochs(train, test, last_epoch, steps_per_epoch, history_path, use_amp)
         if test is not None and not metrics:
             metrics = self.evaluate(test)
@@ -290,7 +314,7 @@ class Trainer:
             return
 
         def request_stop(signum, frame):
-            if self.stop_signal == signal.SIGINT and signum == signal.SIGINT:
+            if self.stop_signal == signal.SIGINT and signum == signal.SIGINT and not self._saving:
                 raise KeyboardInterrupt
             self.stop_signal = signum
 
@@ -334,7 +358,8 @@ class Trainer:
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
                 if self.stop_signal is not None:
                     bar.close()
-                    raise TrainingInterrupted(self.save_checkpoint(), self.stop_signal, self.epoch, self.step)
+                    where = f"at epoch {self.epoch + 1}, step {self.step}"
+                    raise TrainingInterrupted(self.save_checkpoint(), self.stop_signal, where)
             self.epoch += 1
             self.batch_in_epoch, self.epoch_sums = 0, {}
             record = {k: v / steps_per_epoch for k, v in sums.items()}
@@ -346,10 +371,9 @@ class Trainer:
                 fh.write(json.dumps(record) + "\n")
             print(epoch_line(record, cfg.epochs), flush=True)
             self.save_checkpoint()
-            if self.stop_signal is not None:  # arrived during the evaluation or the save: stop here
-                raise TrainingInterrupted(
-                    self.run_dir / "checkpoint", self.stop_signal, self.epoch, self.step
-                )
+            if self.stop_signal is not None and self.epoch < last_epoch:  # came during evaluation or save
+                where = f"after epoch {self.epoch}, step {self.step}"
+                raise TrainingInterrupted(self.run_dir / "checkpoint", self.stop_signal, where)
         return metrics
 
     def _epoch_batches(self, train, epoch: int) -> list[np.ndarray]:
@@ -367,6 +391,22 @@ class Trainer:
         out = evaluate_global(self.model, test, self.processor, self.cfg.text_mode)
         out.update(evaluate_local(self.model, test, self.processor))
         return out
+
+
+def _keep_records(path: Path, keep, jsonl: bool) -> None:
+    """Rewrite a JSON-lines or CSV log keeping the records `keep(record)` accepts (no file: nothing)."""
+    if not path.is_file():
+        return
+    if jsonl:
+        lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+        path.write_text("".join(ln + "\n" for ln in lines if keep(json.loads(ln))))
+        return
+    with path.open(newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=STEP_FIELDS)
+        writer.writeheader()
+        writer.writerows(r for r in rows if keep(r))
 
 
 STEPS_CSV = "steps.csv"

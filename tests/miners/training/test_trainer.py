@@ -49,9 +49,10 @@ def test_local_loss_is_the_reliability_weighted_mean_of_pair_losses():
     torch.testing.assert_close(per_pair[0], -torch.logsumexp(logits[[0, 2]], 0) + torch.logsumexp(logits, 0))
 
 
-def _train_data(tiny_dataset, processor):
+def _train_data(tiny_dataset, processor, limit: int | None = None):
     table = pq.read_table(tiny_dataset / "manifest.parquet")
-    return build_clip_data(table.filter(pc.equal(table["split"], "train")), processor)
+    train = table.filter(pc.equal(table["split"], "train"))
+    return build_clip_data(train if limit is None else train.slice(0, limit), processor)
 
 
 def test_resume_continues_exactly(tiny_dataset, tiny_clip_dir, tmp_path):
@@ -68,6 +69,19 @@ def test_resume_continues_exactly(tiny_dataset, tiny_clip_dir, tmp_path):
         torch.testing.assert_close(a, c, msg=lambda m, name=name: f"{name} differs after resume: {m}")
     history = (tmp_path / "resumed" / "history.jsonl").read_text().splitlines()
     assert [json.loads(h)["epoch"] for h in history] == [1, 2]
+
+
+def test_a_resume_on_other_data_is_refused(tiny_dataset, tiny_clip_dir, tmp_path):
+    """Another number of batches per epoch would re-scale the schedule and shift the position in the
+    epoch: not a continuation of the checkpointed run."""
+    cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, text_mode="truncate")
+    model, proc = load_clip(tiny_clip_dir, "cpu")
+    data = _train_data(tiny_dataset, proc)
+    Trainer(model, proc, cfg, tmp_path / "run").fit(data, stop_after=1)
+    fewer = _train_data(tiny_dataset, proc, limit=8)
+    model_b, _ = load_clip(tmp_path / "run" / "checkpoint", "cpu")
+    with pytest.raises(ValueError, match="the training data changed since the checkpoint"):
+        Trainer(model_b, proc, cfg, tmp_path / "run").fit(fewer, resume=True)
 
 
 def test_bootstrap_cli_writes_a_loadable_model_and_reuses_it(tiny_dataset, tmp_path, capsys):
@@ -221,7 +235,7 @@ def test_a_signal_stops_training_at_a_step_and_the_cli_resume_continues_exactly(
     root = Path(__file__).resolve().parents[3]
     env = os.environ | {"PYTHONPATH": str(root)}
     base = [sys.executable, "-m", "miners.train_rogle", "--pairs", str(tiny_run), "--epochs", "3",
-            "--batch-size", "4", "--reliability-threshold", "0.0"]  # fmt: skip
+            "--batch-size", "4", "--reliability-threshold", "0.0", "--log-every", "1"]  # fmt: skip
     straight, stopped = tmp_path / "straight", tmp_path / "stopped"
     done = subprocess.run([*base, "--out", str(straight)], env=env, cwd=root, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -231,9 +245,9 @@ def test_a_signal_stops_training_at_a_step_and_the_cli_resume_continues_exactly(
     )
     assert proc.stdout is not None
     seen = []
-    for line in proc.stdout:
+    for line in proc.stdout:  # --log-every 1: a line after every step; stop inside epoch 2
         seen.append(line)
-        if line.startswith("epoch 1/3"):
+        if line.startswith("step ") and "(epoch 2)" in line:
             proc.send_signal(signal.SIGTERM)
             break
     rest, _ = proc.communicate(timeout=300)
@@ -241,7 +255,9 @@ def test_a_signal_stops_training_at_a_step_and_the_cli_resume_continues_exactly(
     assert proc.returncode == 128 + signal.SIGTERM, said
     assert "stopped by SIGTERM" in said
     state = torch.load(stopped / "checkpoint" / "trainer_state.pt", weights_only=False)
-    assert state["epoch"] < 3, "the signal came too late to interrupt anything"
+    # stopped inside epoch 2 (after 1 or 2 of its 6 steps): the mid-epoch path is what is tested
+    assert state["epoch"] == 1 and 1 <= state["batch_in_epoch"] < 6, (state["epoch"], state["batch_in_epoch"])
+    assert "stopped by SIGTERM at epoch 2, step " in said
     original_args = (stopped / "run_args.json").read_text()
 
     resume_line = next(ln for ln in said.splitlines() if ln.startswith("train_rogle: to resume: "))
