@@ -10,9 +10,10 @@
 7. `bench/audit_ui.py` — the labelling page in headless Chromium: key press → next pair rendered (ms);
 8. `bench/speed.py` — speed and scale (speedup vs a naive loop, orchestration overhead, 2-worker scaling,
    driver scale to 1M manifest rows, real-image scale, stage profile) → bench/results.json;
-9. `bench/gpu.py` — SAM / CLIP throughput and FLOP/s fraction (real sizes on CUDA, tiny shapes on a CPU)
+9. `bench/eval_memory.py` — retrieval metrics at ICFG-PEDES size (19,848 x 19,848): peak memory and time;
+10. `bench/gpu.py` — SAM / CLIP throughput and FLOP/s fraction (real sizes on CUDA, tiny shapes on a CPU)
    → bench/gpu.json;
-10. the real-size CPU path: random-init CLIP ViT-B/16 and SAM vit_b in their on-disk formats mined through
+11. the real-size CPU path: random-init CLIP ViT-B/16 and SAM vit_b in their on-disk formats mined through
    the flow CLI (pytest marker `realsize`) → bench/realsize.json (seconds per image).
 """
 
@@ -55,6 +56,7 @@ STEPS = [
         "bench/RESULTS.md",
     ],
     [sys.executable, str(BENCH / "speed.py")],
+    [sys.executable, str(BENCH / "eval_memory.py")],
     [
         sys.executable,
         str(BENCH / "gpu.py"),

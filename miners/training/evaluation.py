@@ -75,6 +75,10 @@ def evaluate_global(model, data: ClipData, processor, text_mode: str, batch_size
     out = retrieval_metrics(sim, data.cap_pids, data.image_pids)
     out["num_queries"] = len(data)
     out["num_gallery"] = int(gallery.shape[0])
+    try:  # image→text: each image ranks the captions; relevant = the same person's captions
+        out["i2t"] = retrieval_metrics(sim.T, data.image_pids, data.cap_pids)
+    except ValueError as exc:  # an image none of whose person's captions is in the set
+        out["i2t"] = {"unavailable": str(exc)}
     long_mask = data.cap_n_sentences >= LONG_QUERY_MIN_SENTENCES
     if long_mask.any():
         long = retrieval_metrics(sim[long_mask], data.cap_pids[long_mask], data.image_pids)

@@ -74,3 +74,19 @@ def test_weighted_ece_equals_ece_of_repeated_rows():
         [b["accuracy"] for b in bins_r if b["count"]]
     )
     assert ece_w != pytest.approx(expected_calibration_error(p, y, 10)[0])
+
+
+def test_retrieval_metrics_do_not_depend_on_the_query_chunk():
+    """Queries are ranked a chunk at a time to bound memory; the figures must be the same for any chunk
+    (ties included: they are broken by gallery order in every chunk)."""
+    rng = np.random.default_rng(0)
+    for case in range(20):
+        n_q, n_g = int(rng.integers(1, 40)), int(rng.integers(1, 60))
+        gallery = rng.integers(0, 6, n_g)
+        queries = rng.choice(gallery, n_q)
+        sim = rng.normal(size=(n_q, n_g)).astype(np.float32)
+        if case % 2:
+            sim = np.round(sim, 1)
+        whole = retrieval_metrics(sim, queries, gallery, chunk=n_q)
+        for chunk in (1, 3, 256):
+            assert retrieval_metrics(sim, queries, gallery, chunk=chunk) == whole

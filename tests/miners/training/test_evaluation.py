@@ -30,6 +30,8 @@ def test_global_metrics_count_queries_and_gallery(model_data):
     n_long = int((data.cap_n_sentences >= LONG_QUERY_MIN_SENTENCES).sum())
     assert out["long_query"]["num_queries"] == n_long
     assert out["long_query"]["min_sentences"] == LONG_QUERY_MIN_SENTENCES
+    # image→text: each gallery image ranks the captions (the transposed similarity, the same metric code)
+    assert set(out["i2t"]) == {"R1", "R5", "R10", "mAP", "mINP"} and 0.0 <= out["i2t"]["R1"] <= 100.0
     # the text mode changes the caption embedding, so the figures can differ, never the counts
     truncated = evaluate_global(model, data, processor, "truncate")
     assert truncated["num_queries"] == out["num_queries"]
