@@ -6,6 +6,8 @@ need *meaningful* scores train their own; pipeline tests only need the real load
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ import pytest
 from flows.env import apply_offline_defaults
 
 apply_offline_defaults()
+# The training data's decode cache of this test session: never the user's ~/.cache, never a stale entry
+os.environ.setdefault("RSM_DECODE_CACHE", tempfile.mkdtemp(prefix="rsm-decode-cache-"))
 
 
 @pytest.fixture(scope="session")

@@ -48,6 +48,7 @@ class ClipData:
     image_scale_xy: np.ndarray  # N_img x 2: model-input px per original px
     local_pairs: list[list[LocalPair]] = field(default_factory=list)  # per caption
     skipped: dict[str, str] = field(default_factory=dict)  # image_id → error message
+    decode_cache: dict = field(default_factory=dict)  # the decode cache's path, hit, MiB (empty: none)
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -66,6 +67,107 @@ def _resize_u8(rgb: np.ndarray, size_hw: tuple[int, int]) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 
+# ---------------------------------------------------------------------------------------------- decoding
+
+DECODE_CACHE_ENV = "RSM_DECODE_CACHE"  # a folder, or "off"; default ~/.cache/rsm-miners/decoded
+DECODE_WORKERS_ENV = "RSM_DECODE_WORKERS"  # threads that decode (default: the CPUs this process may use)
+DECODE_CACHE_VERSION = 1  # bump when decoding or resizing changes: older entries are then never read
+
+
+@dataclass
+class DecodedImages:
+    images_u8: torch.Tensor  # N_ok x 3 x H x W uint8, in the order given, skipped ones left out
+    scales_xy: list[tuple[float, float]]  # model-input px per original px, per decoded image
+    skipped: dict[str, str]  # image_id → why it could not be read
+    cache: dict  # {"path", "hit", "mb"} or {} without a cache
+
+
+def decode_cache_dir() -> Path | None:
+    import os
+
+    value = os.environ.get(DECODE_CACHE_ENV, "")
+    if value.lower() == "off":
+        return None
+    if value:
+        return Path(value)
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "rsm-miners" / "decoded"
+
+
+def _decode_key(root: Path, items: list[tuple[str, str]], size_hw: tuple[int, int]) -> str:
+    """What the decoded tensor depends on: the resize, and each image's path, size and mtime (an image
+    replaced on disk makes another key; so does a reordered or extended list)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([DECODE_CACHE_VERSION, list(size_hw), str(root)]).encode())
+    for iid, rel in items:
+        try:
+            st = (root / rel).stat()
+            h.update(f"{iid}\0{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{iid}\0{rel}\0missing\n".encode())
+    return h.hexdigest()[:24]
+
+
+def _decode_one(root: Path, rel: str, size_hw: tuple[int, int]):
+    try:
+        # Training reads the same manifests as mining, so the same root containment holds.
+        rgb = load_rgb(contained_path(root, rel))
+    except ImageLoadError as exc:
+        return None, f"{exc.kind}: {exc}"
+    return (_resize_u8(rgb, size_hw), (size_hw[1] / rgb.shape[1], size_hw[0] / rgb.shape[0])), None
+
+
+def decode_images(root: Path, items: list[tuple[str, str]], size_hw: tuple[int, int]) -> DecodedImages:
+    """Decode (image_id, path) items to uint8 tensors of the model input size, with several threads (PIL
+    decodes and resizes outside the GIL), through a cache on disk reused across runs: a second run, and
+    every ablation on the same data and input size, reads one file instead of decoding again."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache_dir = decode_cache_dir()
+    key = _decode_key(root, items, size_hw) if cache_dir is not None else ""
+    if cache_dir is not None and (cache_dir / f"{key}.json").is_file():
+        meta = json.loads((cache_dir / f"{key}.json").read_text())
+        array = np.load(cache_dir / f"{key}.npy")
+        return DecodedImages(
+            torch.from_numpy(array),
+            [tuple(x) for x in meta["scales_xy"]],
+            meta["skipped"],
+            {"path": str(cache_dir / f"{key}.npy"), "hit": True, "mb": round(array.nbytes / 2**20, 1)},
+        )
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = int(os.environ.get(DECODE_WORKERS_ENV, 0)) or max(1, cpus)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = list(pool.map(lambda item: _decode_one(root, item[1], size_hw), items))
+    tensors, scales, skipped = [], [], {}
+    for (iid, _), (done, error) in zip(items, results, strict=True):
+        if done is None:
+            skipped[iid] = error
+        else:
+            tensors.append(done[0])
+            scales.append(done[1])
+    images = torch.stack(tensors) if tensors else torch.zeros((0, 3, *size_hw), dtype=torch.uint8)
+    cache: dict = {}
+    if cache_dir is not None:
+        try:  # written beside, then renamed; the .json (written last) marks a whole entry
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache_dir / f".{key}.{os.getpid()}.npy"
+            np.save(tmp, images.numpy())
+            tmp.replace(cache_dir / f"{key}.npy")
+            meta_tmp = cache_dir / f".{key}.{os.getpid()}.json"
+            meta_tmp.write_text(json.dumps({"scales_xy": scales, "skipped": skipped, "n": len(items)}))
+            meta_tmp.replace(cache_dir / f"{key}.json")
+            cache = {
+                "path": str(cache_dir / f"{key}.npy"),
+                "hit": False,
+                "mb": round(images.numpy().nbytes / 2**20, 1),
+            }
+        except OSError as exc:  # a read-only or full disk costs the next run a decode, nothing else
+            cache = {"path": str(cache_dir), "hit": False, "mb": 0.0, "error": str(exc)}
+    return DecodedImages(images, scales, skipped, cache)
+
+
 def build_clip_data(
     manifest: pa.Table,
     processor,
@@ -82,28 +184,24 @@ def build_clip_data(
     splitter = splitter or CaptionSplitter(split_clauses=False)
     rows = manifest.to_pylist()
 
+    first_rows, seen = [], set()  # each image once, at its first row (the order images are stacked in)
+    for r in rows:
+        if r["image_id"] not in seen:
+            seen.add(r["image_id"])
+            first_rows.append(r)
+    decoded = decode_images(root, [(r["image_id"], r["image_path"]) for r in first_rows], size_hw)
+    skipped = decoded.skipped
     image_index: dict[str, int] = {}
-    images, image_ids, image_pids, scales, gt_regions = [], [], [], [], []
-    skipped: dict[str, str] = {}
-    keep_rows = []
-    for row in rows:
+    image_ids, image_pids, gt_regions = [], [], []
+    for row in first_rows:
         iid = row["image_id"]
-        if iid in skipped:
-            continue
-        if iid not in image_index:
-            try:
-                # Training reads the same manifests as mining, so the same root containment holds.
-                rgb = load_rgb(contained_path(root, row["image_path"]))
-            except ImageLoadError as exc:
-                skipped[iid] = f"{exc.kind}: {exc}"
-                continue
-            image_index[iid] = len(images)
-            images.append(_resize_u8(rgb, size_hw))
+        if iid not in skipped:
+            image_index[iid] = len(image_ids)
             image_ids.append(iid)
             image_pids.append(row["person_id"])
-            scales.append((size_hw[1] / rgb.shape[1], size_hw[0] / rgb.shape[0]))
             gt_regions.append(json.loads(row["gt_regions"]) if row.get("gt_regions") else None)
-        keep_rows.append(row)
+    keep_rows = [r for r in rows if r["image_id"] not in skipped]
+    images, scales = decoded.images_u8, decoded.scales_xy
 
     captions = [r["caption"] for r in keep_rows]
     units = splitter.split_many(captions)
@@ -116,7 +214,7 @@ def build_clip_data(
         pos += len(ts)
 
     data = ClipData(
-        images_u8=torch.stack(images) if images else torch.zeros((0, 3, *size_hw), dtype=torch.uint8),
+        images_u8=images,
         image_ids=image_ids,
         image_pids=np.asarray(image_pids, dtype=np.int64),
         cap_image_index=np.asarray([image_index[r["image_id"]] for r in keep_rows], dtype=np.int64),
@@ -130,6 +228,7 @@ def build_clip_data(
         image_gt_regions=gt_regions,
         image_scale_xy=np.asarray(scales, dtype=np.float32).reshape(-1, 2),
         skipped=skipped,
+        decode_cache=decoded.cache,
     )
     data.local_pairs = _attach_pairs(
         data, processor, pairs, use_reliability, reliability_threshold, max_pairs_per_caption

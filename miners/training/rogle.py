@@ -233,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{', local branch off' if args.no_local else ''}), "
         f"{len(test) if test else 0} test captions; data in {time.perf_counter() - t0:.1f}s"
     )
+    for split, part in (("train", train), ("test", test)):
+        cache = part.decode_cache if part is not None else {}
+        if cache.get("path"):
+            how = "read from" if cache["hit"] else "decoded and cached in"
+            print(f"train_rogle: {split} images {how} {cache['path']} ({cache['mb']} MiB)")
     skipped = {"train": train.skipped, "test": test.skipped if test else {}}
     for split, images in skipped.items():  # an unreadable test image shrinks the gallery: say which
         if images:

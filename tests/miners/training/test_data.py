@@ -75,3 +75,42 @@ def test_an_image_swapped_for_a_symlink_out_of_the_root_is_skipped(tiny_dataset,
     elsewhere = table.slice(0, 1).replace_schema_metadata({b"rsm.root": str(root).encode()})
     data = build_clip_data(elsewhere, processor)
     assert len(data) == 0 and data.skipped[first["image_id"]].startswith("unsafe_path: ")
+
+
+def test_decoded_images_are_cached_across_runs_and_a_changed_image_is_decoded_again(
+    tiny_dataset, tiny_clip_dir, tmp_path, monkeypatch
+):
+    import os
+    import shutil
+
+    import pyarrow.parquet as pq
+    import torch
+
+    from miners.clip_scorer import load_clip
+    from miners.training.data import DECODE_CACHE_ENV, build_clip_data
+    from storage.manifest import main as manifest_main
+
+    data_root = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data_root, ignore=shutil.ignore_patterns("manifest.parquet"))
+    assert (
+        manifest_main(["--format", "pvlg", "--root", str(data_root), "--out", str(tmp_path / "m.parquet")])
+        == 0
+    )
+    table = pq.read_table(tmp_path / "m.parquet")  # rooted at the copy, whose images the test changes
+    _, processor = load_clip(tiny_clip_dir, "cpu")
+    monkeypatch.setenv(DECODE_CACHE_ENV, "off")
+    plain = build_clip_data(table, processor)
+    assert plain.decode_cache == {}
+    monkeypatch.setenv(DECODE_CACHE_ENV, str(tmp_path / "cache"))
+    first = build_clip_data(table, processor)
+    second = build_clip_data(table, processor)
+    assert first.decode_cache["hit"] is False and second.decode_cache["hit"] is True
+    assert second.decode_cache["mb"] > 0 and os.path.isfile(second.decode_cache["path"])
+    for data in (first, second):  # the cache changes nothing the trainer sees
+        assert torch.equal(data.images_u8, plain.images_u8) and data.image_ids == plain.image_ids
+        assert data.sample_ids == plain.sample_ids and (data.image_scale_xy == plain.image_scale_xy).all()
+    # An image replaced on disk (another size and mtime) is a new key: decoded again, never read stale
+    target = data_root / table["image_path"][0].as_py()
+    target.write_bytes(b"broken now")
+    third = build_clip_data(table, processor)
+    assert third.decode_cache["hit"] is False and table["image_id"][0].as_py() in third.skipped
