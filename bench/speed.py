@@ -199,7 +199,7 @@ def startup_figures(manifest: Path, clip: Path, work: Path, reps: int) -> dict:
     home = work / "prefect-home-warm"
     fresh = work / "prefect-home-fresh"
     subprocess.run(["rm", "-rf", str(fresh)], check=True)
-    fresh_run = startup_run(manifest, clip, work / "startup-out", fresh)  # also warms nothing: its own home
+    fresh_run = startup_run(manifest, clip, work / "startup-out", fresh)  # an empty PREFECT_HOME of its own
     startup_run(manifest, clip, work / "startup-out", home)  # a first run migrates the warm home's database
     runs = sorted((startup_run(manifest, clip, work / "startup-out", home) for _ in range(reps)),
                   key=lambda r: r["startup_s"])  # fmt: skip

@@ -48,7 +48,6 @@ from flows.ray_workers import (
     ShardOutput,
     ShardPool,
     WorkerStartError,
-    connect_ray,
     plan_pool,
     ray_session,
 )
@@ -134,8 +133,7 @@ def mine_pending(
     `actor_cls`: the actor class (tests pass a ShardMiner subclass that injects faults)."""
     report = MiningReport()
     t0 = time.perf_counter()
-    started_ray = connect_ray(opts.ray_address)  # a no-op when the CLI or the flow started it already
-    try:
+    with ray_session(opts.ray_address):  # a no-op when the CLI or the flow started Ray already
         report.ray_start_s = time.perf_counter() - t0
         worker_config = asdict(opts.config)
         # Read and sort once; load_shard_rows slices (and checks) each shard's rows out of it
@@ -171,9 +169,6 @@ def mine_pending(
                     report.failed[event.shard_id] = event.error or "unknown error"
                 on_event(event, progress)
             report.fanout_s = time.perf_counter() - t_fanout
-    finally:
-        if started_ray:
-            ray.shutdown()
     return report
 
 
@@ -494,9 +489,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _launched_as_command() -> bool:
     """True in `python -m flows.mine_rsm` (the clock then counts from the process start, imports included)."""
-    return getattr(getattr(sys.modules.get("__main__"), "__spec__", None), "name", None) == __name__ or (
-        __name__ == "__main__"
-    )
+    return __name__ == "__main__"
 
 
 # The start-up phases, in the order a command reaches them, and what each line word means

@@ -9,7 +9,10 @@ Images that fail to load are skipped *and reported* (`skipped`), never silently 
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -83,8 +86,6 @@ class DecodedImages:
 
 
 def decode_cache_dir() -> Path | None:
-    import os
-
     value = os.environ.get(DECODE_CACHE_ENV, "")
     if value.lower() == "off":
         return None
@@ -97,8 +98,6 @@ def decode_cache_dir() -> Path | None:
 def _decode_key(root: Path, items: list[tuple[str, str]], size_hw: tuple[int, int]) -> str:
     """What the decoded tensor depends on: the resize, and each image's path, size and mtime (an image
     replaced on disk makes another key; so does a reordered or extended list)."""
-    import hashlib
-
     h = hashlib.sha256(json.dumps([DECODE_CACHE_VERSION, list(size_hw), str(root)]).encode())
     for iid, rel in items:
         try:
@@ -122,9 +121,6 @@ def decode_images(root: Path, items: list[tuple[str, str]], size_hw: tuple[int, 
     """Decode (image_id, path) items to uint8 tensors of the model input size, with several threads (PIL
     decodes and resizes outside the GIL), through a cache on disk reused across runs: a second run, and
     every ablation on the same data and input size, reads one file instead of decoding again."""
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
     cache_dir = decode_cache_dir()
     key = _decode_key(root, items, size_hw) if cache_dir is not None else ""
     if cache_dir is not None and (cache_dir / f"{key}.json").is_file():

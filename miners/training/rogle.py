@@ -188,8 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         log_every_steps=args.log_every,
         device=args.device,
     )
-    ckpt = args.out / "checkpoint"
-    resuming = args.resume and (ckpt / "trainer_state.pt").is_file()
+    resuming = has_checkpoint  # args.out is the folder claim_run_dir kept
     if resuming:
         # The run continues from its own weights, never from --init: a preempted run resumed at epoch 30
         # used to train the start model for the remaining epochs at a decayed lr (issue 24)
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 "--overwrite or another --out"
             )
             return 2
-        model, processor = load_clip(ckpt, "cpu")
+        model, processor = load_clip(args.out / "checkpoint", "cpu")
         print(f"train_rogle: resuming {args.out} from its checkpoint (weights, optimizer, schedule, RNG)")
     else:
         if args.resume:
