@@ -113,6 +113,24 @@ def text_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return F.normalize(model.text_projection(out.pooler_output), dim=-1)
 
 
+def vision_token_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """B x (1 + P) x E *unnormalised* projections of every vision token (CLS first): post-layernorm and
+    the visual projection applied to each token, as IRRA does for its cross-modal fusion. Row 0,
+    L2-normalised, is `image_embeddings`."""
+    tokens = _vision_tokens(model, pixel_values)
+    return model.visual_projection(model.vision_model.post_layernorm(tokens))
+
+
+def text_token_features(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N x T x E projections of every text token, N x E projection of the pooled EOS token), both
+    *unnormalised*. The text tower's last hidden state already has its final layer norm. The pooled row,
+    L2-normalised, is `text_embeddings`."""
+    out = model.text_model(input_ids=input_ids, attention_mask=attention_mask)
+    return model.text_projection(out.last_hidden_state), model.text_projection(out.pooler_output)
+
+
 def pad_token_ids(seqs: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad id lists → (input_ids, attention_mask), both N x T long."""
     length = max((len(s) for s in seqs), default=1)
