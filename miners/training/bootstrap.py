@@ -25,9 +25,10 @@ import pyarrow.parquet as pq
 
 from miners.bank import BANK_ARRAYS, BANK_META
 from miners.calibration import CALIBRATOR_FILENAME
+from miners.training.config import TrainConfig, training_settings
 from miners.training.data import build_clip_data
 from miners.training.tiny_clip import TinyClipConfig, build_model, build_processor, build_tokenizer
-from miners.training.trainer import TrainConfig, Trainer, training_settings
+from miners.training.trainer import Trainer
 
 
 def manifest_fingerprint(path: Path) -> str:

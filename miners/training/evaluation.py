@@ -10,6 +10,8 @@ Consumes a CLIP model and evaluation `ClipData` (test split); produces metric di
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -21,6 +23,7 @@ from miners.encoders import (
     pad_token_ids,
     patch_grid_hw,
     text_embeddings,
+    text_features,
     to_pixel_values,
     tokenize,
 )
@@ -30,30 +33,56 @@ from miners.training.data import ClipData
 LONG_QUERY_MIN_SENTENCES = 5
 
 
-def caption_embeddings(
-    model, data: ClipData, indices: np.ndarray, text_mode: str, pad_id: int, device
+def caption_features(
+    model,
+    data: ClipData,
+    indices: np.ndarray,
+    text_mode: str,
+    pad_id: int,
+    device,
+    token_transform: Callable[[list[list[int]]], list[list[int]]] | None = None,
 ) -> torch.Tensor:
-    """Global text embeddings for captions `indices`: whole caption ("truncate") or the normalised
-    mean of its sentence embeddings ("sentence-pool")."""
+    """Unnormalised global text features for captions `indices`: the whole caption's projected EOS token
+    ("truncate"), or the sum of its sentences' normalised embeddings ("sentence-pool": L2-normalised, that
+    is their normalised mean). `token_transform` rewrites the token lists first (text augmentation)."""
     if text_mode == "truncate":
-        ids, mask = pad_token_ids([data.cap_tokens[i] for i in indices], pad_id, device)
-        return text_embeddings(model, ids, mask)
+        seqs = [data.cap_tokens[i] for i in indices]
+        ids, mask = pad_token_ids(token_transform(seqs) if token_transform else seqs, pad_id, device)
+        return text_features(model, ids, mask)
     if text_mode != "sentence-pool":
         raise ValueError(f"unknown text_mode {text_mode!r}: use 'truncate' or 'sentence-pool'")
     flat, owner = [], []
     for k, i in enumerate(indices):
         flat.extend(data.cap_sentence_tokens[i])
         owner.extend([k] * len(data.cap_sentence_tokens[i]))
-    ids, mask = pad_token_ids(flat, pad_id, device)
+    ids, mask = pad_token_ids(token_transform(flat) if token_transform else flat, pad_id, device)
     sent = text_embeddings(model, ids, mask)
     owner_t = torch.tensor(owner, device=sent.device)
     pooled = torch.zeros((len(indices), sent.shape[1]), device=sent.device, dtype=sent.dtype)
     pooled.index_add_(0, owner_t, sent)
-    return torch.nn.functional.normalize(pooled, dim=-1)
+    return pooled
+
+
+def caption_embeddings(
+    model, data: ClipData, indices: np.ndarray, text_mode: str, pad_id: int, device
+) -> torch.Tensor:
+    """Global text embeddings (L2-normalised `caption_features`): the whole caption ("truncate") or the
+    normalised mean of its sentence embeddings ("sentence-pool")."""
+    return torch.nn.functional.normalize(
+        caption_features(model, data, indices, text_mode, pad_id, device), dim=-1
+    )
+
+
+TEXT_MODES = ("sentence-pool", "truncate")
 
 
 @torch.inference_mode()
-def evaluate_global(model, data: ClipData, processor, text_mode: str, batch_size: int = 256) -> dict:
+def evaluate_global(
+    model, data: ClipData, processor, text_mode: str, batch_size: int = 256, all_text_modes: bool = True
+) -> dict:
+    """Text→image figures (and image→text under "i2t", the long-query subset under "long_query") for
+    `text_mode`; with `all_text_modes`, "text_modes" holds the headline figures of every way a long caption
+    becomes one query (both are in use in the field: IRRA truncates at 77 tokens), from the same gallery."""
     device = next(model.parameters()).device
     model.eval()
     mean, std = normalisation(processor)
@@ -65,16 +94,33 @@ def evaluate_global(model, data: ClipData, processor, text_mode: str, batch_size
         ]
     ).float()
     all_idx = np.arange(len(data))
-    queries = torch.cat(
-        [
-            caption_embeddings(model, data, all_idx[i : i + batch_size], text_mode, pad_id, device).float()
-            for i in range(0, len(data), batch_size)
-        ]
-    )
-    sim = (queries @ gallery.T).cpu().numpy()
+    by_mode: dict[str, dict] = {}
+    for mode in [text_mode] + [m for m in TEXT_MODES if m != text_mode and all_text_modes]:
+        queries = torch.cat(
+            [
+                caption_embeddings(model, data, all_idx[i : i + batch_size], mode, pad_id, device).float()
+                for i in range(0, len(data), batch_size)
+            ]
+        )
+        by_mode[mode] = _retrieval_figures((queries @ gallery.T).cpu().numpy(), data)
+        by_mode[mode]["num_gallery"] = int(gallery.shape[0])
+    out = by_mode[text_mode]
+    out["text_mode"] = text_mode
+    if all_text_modes:
+        out["text_modes"] = {
+            mode: {k: v for k, v in figures.items() if k in ("R1", "R5", "R10", "mAP", "mINP")}
+            | {
+                "long_query_R1": figures["long_query"].get("R1"),
+                "i2t_R1": figures["i2t"].get("R1"),
+            }
+            for mode, figures in by_mode.items()
+        }
+    return out
+
+
+def _retrieval_figures(sim: np.ndarray, data: ClipData) -> dict:
     out = retrieval_metrics(sim, data.cap_pids, data.image_pids)
     out["num_queries"] = len(data)
-    out["num_gallery"] = int(gallery.shape[0])
     try:  # image→text: each image ranks the captions; relevant = the same person's captions
         out["i2t"] = retrieval_metrics(sim.T, data.image_pids, data.cap_pids)
     except ValueError as exc:  # an image none of whose person's captions is in the set

@@ -17,6 +17,7 @@ run is refused unless `--resume` (continue it) or `--overwrite` (replace it) is 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import shlex
@@ -26,14 +27,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pyarrow.compute as pc
+from miners.model_folder import clip_folder_problem, resolve_model_ref
+from miners.training.config import GLOBAL_LOSS_NAMES, IMAGE_AUGMENT_NAMES, TrainConfig, training_settings
+from miners.training.recipes import PRESETS, RecipeError, resolve_config
 
-from miners.clip_scorer import clip_folder_problem, load_clip
-from miners.model_folder import resolve_model_ref
-from miners.run_config import read_committed_run
-from miners.training.data import build_clip_data
-from miners.training.trainer import TrainConfig, Trainer, TrainingInterrupted, training_settings
-from storage.manifest import read_manifest
+# torch, transformers, pyarrow and the trainer are imported in `main`, after the arguments are parsed:
+# `--help` and a refused command answer in well under a second
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,20 +55,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help=f"run folder (default: a new {DEFAULT_RUNS}/<UTC time>/, with {DEFAULT_RUNS}/latest pointing at it)",
     )
-    ap.add_argument("--epochs", type=int, default=10)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--lr", type=float, default=None, help="default 1e-4 (fine-tuning the bootstrapped CLIP)")
-    ap.add_argument("--no-local", action="store_true", help="global branch only")
-    ap.add_argument("--no-reliability", action="store_true", help="uniform weights for the local pairs")
-    ap.add_argument("--local-weight", type=float, default=0.5)
-    ap.add_argument("--reliability-threshold", type=float, default=0.5)
-    ap.add_argument("--text-mode", choices=["sentence-pool", "truncate"], default="sentence-pool")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--eval-every", type=int, default=1, help="evaluate every N epochs (and after the last)")
-    ap.add_argument(
-        "--log-every", type=int, default=50, help="one log line and a steps.csv row every N steps (0: off)"
+    recipe = ap.add_argument_group(
+        "recipe",
+        "every setting below defaults to the preset's (without --preset: tiny), then to --config FILE; a flag "
+        "given here wins. The resolved settings are saved as RUN_DIR/config.json",
     )
-    ap.add_argument("--device", default="auto")
+    recipe.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        help="tiny: fine-tuning the tiny bootstrapped CLIP (lr 1e-4, 10 epochs; the default); irra-b16: "
+        "IRRA's published recipe for CLIP ViT-B/16 (Adam 1e-5, 60 epochs, SDM + ID + MLM, augmentations)",
+    )
+    recipe.add_argument("--config", type=Path, help="a YAML or JSON file of TrainConfig fields")
+    recipe.add_argument("--epochs", type=int)
+    recipe.add_argument("--batch-size", type=int)
+    recipe.add_argument("--lr", type=float, help="base learning rate (tiny: 1e-4)")
+    recipe.add_argument("--no-local", action="store_true", help="global branch only")
+    recipe.add_argument("--no-reliability", action="store_true", help="uniform weights for the local pairs")
+    recipe.add_argument("--local-weight", type=float, help="weight of the local branch (default 0.5)")
+    recipe.add_argument("--reliability-threshold", type=float, help="pairs below it are not used (0.5)")
+    recipe.add_argument(
+        "--text-mode",
+        choices=["sentence-pool", "truncate"],
+        help="how a long caption becomes one global text embedding in training and the headline figures "
+        "(tiny: sentence-pool; irra-b16: truncate at 77 tokens); metrics.json has both",
+    )
+    recipe.add_argument("--global-loss", choices=list(GLOBAL_LOSS_NAMES), help="default identity-infonce")
+    recipe.add_argument(
+        "--id-loss", type=float, metavar="W", help="weight of the identity classification loss (0: off)"
+    )
+    recipe.add_argument(
+        "--mlm",
+        type=float,
+        metavar="W",
+        help="weight of IRRA's masked-language modelling through fusion (0: off)",
+    )
+    recipe.add_argument(
+        "--augment",
+        choices=list(IMAGE_AUGMENT_NAMES),
+        help="image augmentation: none, or irra (flip, pad-crop, erasing)",
+    )
+    recipe.add_argument(
+        "--text-augment", action="store_true", help="token mask / replace / delete on the global text (RDE)"
+    )
+    recipe.add_argument("--seed", type=int)
+    recipe.add_argument("--eval-every", type=int, help="evaluate every N epochs (and after the last; 1)")
+    recipe.add_argument(
+        "--log-every", type=int, help="one log line and a steps.csv row every N steps (0: off; 50)"
+    )
+    recipe.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also write TensorBoard event files to RUN_DIR/tensorboard/",
+    )
+    recipe.add_argument("--device", help="auto (CUDA when present), cpu, cuda:N")
     ap.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint")
     ap.add_argument("--overwrite", action="store_true", help="replace what RUN_DIR holds")
     args = ap.parse_args(argv)
@@ -129,6 +168,22 @@ def claim_run_dir(out: Path | None, resume: bool, overwrite: bool) -> tuple[Path
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        cfg, sources = resolve_config(args.preset or "tiny", args.config, recipe_flags(args), ROGLE_BASE)
+    except RecipeError as exc:
+        print(f"error: {exc}")
+        return 2
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        print("error: --tensorboard needs the tensorboard package (pip install tensorboard)")
+        return 2
+    import pyarrow.compute as pc
+
+    from miners.clip_scorer import load_clip
+    from miners.run_config import read_committed_run
+    from miners.training.data import build_clip_data
+    from miners.training.trainer import Trainer, TrainingInterrupted
+    from storage.manifest import read_manifest
+
     problems = []
     pairs = None
     if args.pairs is not None:
@@ -175,19 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     if pairs is not None:
         pairs = pairs.filter(pc.equal(pairs["split"], "train"))
 
-    cfg = TrainConfig(
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr if args.lr is not None else 1e-4,
-        text_mode=args.text_mode,
-        local_weight=0.0 if args.no_local else args.local_weight,
-        use_reliability=not args.no_reliability,
-        reliability_threshold=args.reliability_threshold,
-        seed=args.seed,
-        eval_every_epochs=args.eval_every,
-        log_every_steps=args.log_every,
-        device=args.device,
-    )
+    if args.no_local:
+        cfg.local_weight = 0.0
+        sources["local_weight"] = "flag" if args.pairs is not None else "no --pairs"
     resuming = has_checkpoint  # args.out is the folder claim_run_dir kept
     if resuming:
         # The run continues from its own weights, never from --init: a preempted run resumed at epoch 30
@@ -206,14 +251,20 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume:
             print(f"train_rogle: --resume: {args.out} has no checkpoint yet; starting it from {init}")
         model, processor = load_clip(init, "cpu")
+        warning = tiny_defaults_warning(model, args)
+        if warning:
+            print(warning)
+    given = ", ".join(f"{k} {getattr(cfg, k)!r} ({where})" for k, where in sorted(sources.items()))
+    print(f"train_rogle: settings: preset {args.preset or 'tiny'}; {given}")
     t0 = time.perf_counter()
     train_rows = table.filter(pc.equal(table["split"], "train"))
     test_rows = table.filter(pc.equal(table["split"], "test"))
+    val_rows = table.filter(pc.equal(table["split"], "val"))
     for entry in sorted(pc.value_counts(table["split"]).to_pylist(), key=lambda c: str(c["values"])):
-        if entry["values"] not in ("train", "test"):
+        if entry["values"] not in ("train", "val", "test"):
             print(
                 f"train_rogle: split {entry['values']!r}: {entry['counts']} captions not used "
-                "(train trains, test evaluates)"
+                "(train trains, val chooses the best epoch, test evaluates)"
             )
     train = build_clip_data(
         train_rows,
@@ -224,20 +275,29 @@ def main(argv: list[str] | None = None) -> int:
         reliability_threshold=cfg.reliability_threshold,
     )
     test = build_clip_data(test_rows, processor, root=meta["root"]) if test_rows.num_rows else None
+    val = build_clip_data(val_rows, processor, root=meta["root"]) if val_rows.num_rows else None
     weights = [pair.weight for caption_pairs in train.local_pairs for pair in caption_pairs]
     n_local = len(weights)
     print(
         f"train_rogle: {len(train)} train captions, {n_local} local pairs "
         f"({'reliability-weighted' if cfg.use_reliability else 'uniform'}"
         f"{', local branch off' if args.no_local else ''}), "
-        f"{len(test) if test else 0} test captions; data in {time.perf_counter() - t0:.1f}s"
+        f"{len(test) if test else 0} test captions, "
+        + (
+            f"{len(val)} val captions (the best epoch on val is kept in checkpoint-best/)"
+            if val
+            else "no val split (the last epoch is reported)"
+        )
+        + f"; data in {time.perf_counter() - t0:.1f}s"
     )
-    for split, part in (("train", train), ("test", test)):
+    for split, part in (("train", train), ("val", val), ("test", test)):
         cache = part.decode_cache if part is not None else {}
         if cache.get("path"):
             how = "read from" if cache["hit"] else "decoded and cached in"
             print(f"train_rogle: {split} images {how} {cache['path']} ({cache['mb']} MiB)")
     skipped = {"train": train.skipped, "test": test.skipped if test else {}}
+    if val is not None:
+        skipped["val"] = val.skipped
     for split, images in skipped.items():  # an unreadable test image shrinks the gallery: say which
         if images:
             shown = "; ".join(f"{iid}: {why}" for iid, why in list(images.items())[:5])
@@ -261,13 +321,15 @@ def main(argv: list[str] | None = None) -> int:
                 "local_pairs": n_local,
                 "local_weight_mean": sum(weights) / n_local if n_local else None,
                 "skipped_images": skipped,
+                "preset": args.preset or "tiny",
+                "settings_from": sources,
             },
             indent=2,
         )
     )
     trainer = Trainer(model, processor, cfg, args.out)
     try:
-        metrics = trainer.fit(train, test, resume=resuming, stop_on_signals=True)
+        metrics = trainer.fit(train, test, resume=resuming, stop_on_signals=True, val=val)
     except ValueError as exc:  # a resume whose data no longer matches its checkpoint
         print(f"error: --resume: {exc}; resume with the run's own data, or train anew with --overwrite")
         return 2
@@ -280,6 +342,63 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"train_rogle: no test split in {manifest_path}: nothing evaluated  → {args.out}")
     return 0
+
+
+# train_rogle's own defaults under every preset: ROGLE trains the local branch when pairs are given
+ROGLE_BASE = {"local_weight": 0.5}
+
+# flag (argparse dest) → TrainConfig field; store_true flags count only when given
+FLAG_FIELDS = {
+    "epochs": "epochs",
+    "batch_size": "batch_size",
+    "lr": "lr",
+    "local_weight": "local_weight",
+    "reliability_threshold": "reliability_threshold",
+    "text_mode": "text_mode",
+    "global_loss": "global_loss",
+    "id_loss": "id_loss_weight",
+    "mlm": "mlm_weight",
+    "augment": "augment",
+    "seed": "seed",
+    "eval_every": "eval_every_epochs",
+    "log_every": "log_every_steps",
+    "device": "device",
+}
+
+
+def recipe_flags(args: argparse.Namespace) -> dict:
+    """The TrainConfig fields the user set on the command line (nothing for flags left out)."""
+    flags = {
+        field: getattr(args, dest) for dest, field in FLAG_FIELDS.items() if getattr(args, dest) is not None
+    }
+    if args.no_reliability:
+        flags["use_reliability"] = False
+    if args.text_augment:
+        flags["text_augment"] = True
+    if args.tensorboard:
+        flags["tensorboard"] = True
+    return flags
+
+
+def tiny_defaults_warning(model, args: argparse.Namespace) -> str | None:
+    """A warning when a real-size CLIP would train with the tiny CLIP's defaults (no --preset, --config or
+    --lr): lr 1e-4 for 10 epochs suits the tiny model trained from scratch here, not a pretrained ViT."""
+    if args.preset or args.config or args.lr is not None:
+        return None
+    n_params = _parameter_count(model)
+    if n_params < 50_000_000:  # the tiny CLIPs (this project's bootstrap) are a few million
+        return None
+    tiny = PRESETS["tiny"]
+    return (
+        f"warning: --init is a CLIP of {n_params / 1e6:.0f}M parameters, trained here with the tiny CLIP's "
+        f"defaults (lr {tiny['lr']:g}, {tiny['epochs']} epochs, AdamW, weight decay {TrainConfig().weight_decay:g}, "
+        "no augmentation); for a real CLIP pass --preset irra-b16 (IRRA's recipe), a --config file, or at "
+        "least --lr"
+    )
+
+
+def _parameter_count(model) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def config_changes(saved_config: Path, cfg: TrainConfig) -> list[str]:

@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,26 +32,27 @@ from tqdm import tqdm
 
 from miners.encoders import (
     box_patch_weights,
-    image_and_region_embeddings,
     normalisation,
     pad_token_ids,
     patch_grid_hw,
     pick_device,
     text_embeddings,
+    text_token_features,
     to_pixel_values,
+    vision_forward,
 )
+from miners.training.augment import IMAGE_AUGMENTS, TextAugment, augment_batch, augment_tokens
+from miners.training.config import TrainConfig
 from miners.training.data import ClipData
-from miners.training.evaluation import caption_embeddings, evaluate_global, evaluate_local
-
-# TrainConfig fields that change no weight (where the run goes, how often it evaluates and logs): a model's
-# identity (the bootstrap's reuse check) and a resume's refusal leave them out, so a release adding one of
-# them neither retrains a finished model nor refuses a resume
-RUN_ONLY_FIELDS = ("device", "eval_every_epochs", "log_every_steps")
-
-
-def training_settings(cfg: TrainConfig) -> dict[str, Any]:
-    """The TrainConfig fields that decide the weights."""
-    return {k: v for k, v in asdict(cfg).items() if k not in RUN_ONLY_FIELDS}
+from miners.training.evaluation import caption_features, evaluate_global, evaluate_local
+from miners.training.heads import (
+    FAST_LR_NAME_PARTS,
+    CrossModalMLM,
+    IdentityClassifier,
+    mask_token_id,
+    mask_tokens,
+)
+from miners.training.losses import GLOBAL_LOSSES, id_loss, mlm_loss
 
 
 class TrainingInterrupted(RuntimeError):
@@ -61,38 +62,6 @@ class TrainingInterrupted(RuntimeError):
     def __init__(self, checkpoint: Path, signum: int, where: str):
         self.checkpoint, self.signum = checkpoint, signum
         super().__init__(f"{signal.Signals(signum).name} {where}: checkpoint saved in {checkpoint}")
-
-
-@dataclass
-class TrainConfig:
-    epochs: int = 12
-    batch_size: int = 64
-    lr: float = 1e-3  # from scratch; use ~1e-5 when fine-tuning a real CLIP
-    weight_decay: float = 0.05
-    warmup_fraction: float = 0.05
-    text_mode: str = "sentence-pool"  # or "truncate": how long captions become one global embedding
-    local_weight: float = 0.0  # 0 = global only (the bootstrap); ROGLE uses > 0
-    local_temperature: float = 0.05
-    use_reliability: bool = True
-    reliability_threshold: float = 0.5
-    seed: int = 0
-    eval_every_epochs: int = 1
-    device: str = "auto"
-    amp: bool = True  # bf16 autocast on CUDA only
-    max_grad_norm: float = 5.0
-    log_every_steps: int = 50  # one plain line + a steps.csv row every N optimizer steps (0: off)
-
-
-def identity_aware_loss(text_emb, image_emb, pids, logit_scale) -> torch.Tensor:
-    """Identity-aware InfoNCE: cross-entropy of the batch softmax against the normalised same-person
-    label distribution, text→image and image→text. Several images of one person are positives, unlike
-    plain InfoNCE which treats them as negatives. (IRRA's SDM is the reverse KL, KL(p‖q); measured here
-    from scratch it stayed on its plateau for hundreds of steps, while this form reached 25% R1 in 240.)"""
-    sim = logit_scale * text_emb @ image_emb.T
-    labels = (pids[:, None] == pids[None, :]).float()
-    t2i = -(labels / labels.sum(1, keepdim=True) * F.log_softmax(sim, 1)).sum(1).mean()
-    i2t = -(labels / labels.sum(1, keepdim=True) * F.log_softmax(sim.T, 1)).sum(1).mean()
-    return (t2i + i2t) / 2
 
 
 def local_alignment_loss(sent_emb, region_emb, region_keys, weights, temperature) -> torch.Tensor:
@@ -117,6 +86,70 @@ class Objective(Protocol):
     def evaluate(self, trainer: Trainer, test: Any) -> dict: ...
 
 
+# Parameter names without weight decay beyond biases and 1-D tensors (norms, the logit scale, CLIP's class
+# embedding): the token and position embeddings (IRRA and TBPS-CLIP decay them; the project's choice
+# follows the issue's rule and common practice for transformers)
+NO_DECAY_NAMES = ("token_embedding", "position_embedding", "class_embedding")
+
+
+def parameter_groups(model: torch.nn.Module, heads: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """The optimizer's groups: no weight decay on biases, norms, embeddings and the logit scale; biases at
+    lr x bias_lr_factor; the training-only heads' new layers (names with cross, classifier, mlm_head) at
+    lr x head_lr_factor. A head's bias takes the bias
+    factor, as in IRRA (its bias rule is applied after its new-module rule). Each group keeps its factor
+    in "lr_factor" (the logs report the base lr); the order is the parameters' order, so a resumed run
+    rebuilds the same groups."""
+    grouped: dict[tuple[float, float], list[torch.nn.Parameter]] = {}
+    for module, is_head in ((model, False), (heads, True)):
+        for name, param in module.named_parameters():
+            if not param.requires_grad:
+                continue
+            # IRRA's rule: the new modules' names hold cross / classifier / mlm_head; the fusion's input
+            # and output norms (ln_pre_t, ln_pre_i, ln_post) keep the base lr
+            fast = is_head and any(part in name for part in FAST_LR_NAME_PARTS)
+            factor = cfg.head_lr_factor if fast else 1.0
+            is_bias = name.endswith("bias")
+            no_decay = is_bias or param.ndim < 2 or any(k in name for k in NO_DECAY_NAMES)
+            key = (cfg.bias_lr_factor if is_bias else factor, 0.0 if no_decay else cfg.weight_decay)
+            grouped.setdefault(key, []).append(param)
+    return [
+        {"params": params, "lr": cfg.lr * factor, "weight_decay": decay, "lr_factor": factor}
+        for (factor, decay), params in grouped.items()
+    ]
+
+
+def lr_factor(cfg: TrainConfig, step: int, steps_per_epoch: int, total_steps: int) -> float:
+    """The lr multiplier after `step` optimizer steps: a linear warm-up from warmup_start_factor, then a
+    cosine to 0. Per step (the project's default: warm-up over warmup_fraction of all steps, the first step
+    at 1/warmup) or, with schedule_per="epoch", constant within an epoch (IRRA: epoch e < warmup trains at
+    start + (1 - start) e / warmup)."""
+    start = cfg.warmup_start_factor
+    if cfg.schedule_per == "epoch":
+        unit, total = step // max(1, steps_per_epoch), max(1, cfg.epochs)
+        warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else cfg.warmup_fraction * total
+        warmup = max(1, round(warmup))
+        if unit < warmup:
+            return start + (1 - start) * unit / warmup
+    else:
+        unit, total = step, total_steps
+        warmup = (
+            cfg.warmup_epochs * steps_per_epoch
+            if cfg.warmup_epochs is not None
+            else total_steps * cfg.warmup_fraction
+        )
+        warmup = max(1, int(warmup))
+        if unit < warmup:
+            return start + (1 - start) * (unit + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (unit - warmup) / max(1, total - warmup))))
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """A generator that depends only on (seed, step): augmentations and token masks of a resumed run
+    are those of an uninterrupted one, whatever the global RNG did in between."""
+    state = np.random.SeedSequence([seed, step, 0x5EED]).generate_state(2, dtype=np.uint32)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 class Trainer:
     def __init__(
         self, model, processor, cfg: TrainConfig, run_dir: str | Path, objective: Objective | None = None
@@ -131,7 +164,13 @@ class Trainer:
         self.model.to(self.device)
         self.mean, self.std = normalisation(processor)
         self.pad_id = processor.tokenizer.pad_token_id or 0
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # Training-only modules (the ID classifier, IRRA's MLM fusion): built in `fit`, once the train
+        # identities are known; saved as checkpoint/heads.pt beside the CLIP folder, never inside it
+        self.heads = torch.nn.ModuleDict()
+        self.pid_classes: list[int] = []  # class k of the ID classifier = person id pid_classes[k]
+        self.image_augment = IMAGE_AUGMENTS[cfg.augment]
+        self.text_augment = TextAugment() if cfg.text_augment else None
+        self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self.step = 0
         self.epoch = 0
@@ -139,20 +178,54 @@ class Trainer:
         # running sums of their logs, so the resumed epoch's record equals an uninterrupted one's
         self.batch_in_epoch = 0
         self.epoch_sums: dict[str, float] = {}
+        self.best: dict | None = None  # the val split's best evaluated epoch so far: {"epoch", "R1", ...}
         self.stop_signal: int | None = None  # set by SIGINT/SIGTERM during fit: stop at the next step
         self._saving = False  # a second SIGINT waits while a checkpoint is being swapped in
         self._steps_per_epoch: int | None = None
 
+    # --- heads and optimizer -------------------------------------------------------------------
+    def _build_heads(self, train) -> None:
+        cfg = self.cfg
+        width = int(self.model.config.projection_dim)
+        if cfg.id_loss_weight > 0 and "id" not in self.heads:
+            self.pid_classes = sorted({int(p) for p in train.cap_pids})
+            self.heads["id"] = IdentityClassifier(width, len(self.pid_classes))
+        if cfg.mlm_weight > 0 and "mlm" not in self.heads:
+            tok = self.processor.tokenizer
+            self.mask_id = mask_token_id(tok)
+            self.vocab_size = int(self.model.config.text_config.vocab_size)
+            self.special_ids = set(tok.all_special_ids)
+            self.heads["mlm"] = CrossModalMLM(width, self.vocab_size)
+        if self.text_augment is not None and not hasattr(self, "vocab_size"):
+            tok = self.processor.tokenizer
+            self.mask_id = mask_token_id(tok)
+            self.vocab_size = int(self.model.config.text_config.vocab_size)
+            self.special_ids = set(tok.all_special_ids)
+        self.heads.to(self.device)
+        if cfg.id_loss_weight > 0:
+            index = {pid: k for k, pid in enumerate(self.pid_classes)}
+            self._class_lookup = index
+
+    def _build_optimizer(self) -> None:
+        groups = parameter_groups(self.model, self.heads, self.cfg)
+        if self.cfg.optimizer == "adam":
+            self.optimizer = torch.optim.Adam(groups, lr=self.cfg.lr, eps=self.cfg.adam_eps)
+        else:
+            self.optimizer = torch.optim.AdamW(groups, lr=self.cfg.lr, eps=self.cfg.adam_eps)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def base_lr(self) -> float:
+        group = self.optimizer.param_groups[0]
+        return group["lr"] / group.get("lr_factor", 1.0)
+
     # --- checkpointing -------------------------------------------------------------------------
     def _make_scheduler(self, total_steps: int):
-        warmup = max(1, int(total_steps * self.cfg.warmup_fraction))
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total_steps - warmup))))
-
-        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, factor)
+        spe = self._steps_per_epoch or 1
+        return torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: lr_factor(self.cfg, step, spe, total_steps)
+        )
 
     def save_checkpoint(self) -> Path:
         self._saving = True
@@ -167,6 +240,8 @@ class Trainer:
         tmp.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(tmp)
         self.processor.save_pretrained(tmp)
+        if len(self.heads):
+            torch.save({"heads": self.heads.state_dict(), "pid_classes": self.pid_classes}, tmp / HEADS_FILE)
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
@@ -175,6 +250,7 @@ class Trainer:
             "batch_in_epoch": self.batch_in_epoch,
             "epoch_sums": dict(self.epoch_sums),
             "steps_per_epoch": self._steps_per_epoch,
+            "best": self.best,
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state(),
@@ -183,14 +259,20 @@ class Trainer:
             "config": asdict(self.cfg),
         }
         torch.save(state, tmp / "trainer_state.pt")
-        # Swap in the new checkpoint whole, so a crash mid-save leaves the previous one intact.
-        old = self.run_dir / ".checkpoint.old"
-        if ckpt.exists():
-            ckpt.rename(old)
-        tmp.rename(ckpt)
-        if old.exists():
-            shutil.rmtree(old)
+        _swap_in(tmp, ckpt)
         return ckpt
+
+    def _save_best(self) -> Path:
+        """checkpoint-best/: the CLIP folder (and heads) of the best epoch on val, with best.json."""
+        tmp = self.run_dir / ".checkpoint-best.tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(tmp)
+        self.processor.save_pretrained(tmp)
+        if len(self.heads):
+            torch.save({"heads": self.heads.state_dict(), "pid_classes": self.pid_classes}, tmp / HEADS_FILE)
+        (tmp / "best.json").write_text(json.dumps(self.best, indent=2, sort_keys=True))
+        _swap_in(tmp, self.run_dir / BEST_CHECKPOINT)
+        return self.run_dir / BEST_CHECKPOINT
 
     def load_state(self, ckpt: Path, total_steps: int) -> None:
         state = torch.load(ckpt / "trainer_state.pt", weights_only=False, map_location="cpu")
@@ -202,6 +284,10 @@ class Trainer:
                 f"the training data changed since the checkpoint: {saved_steps} steps per epoch then, "
                 f"{self._steps_per_epoch} now (other --pairs / --manifest, or unreadable images)"
             )
+        if (ckpt / HEADS_FILE).is_file():
+            heads = torch.load(ckpt / HEADS_FILE, weights_only=False, map_location="cpu")
+            self.heads.load_state_dict(heads["heads"])
+            self.pid_classes = list(heads["pid_classes"])
         # The scheduler's constructor rewrites the groups' lr, so build it before restoring the optimizer.
         self.scheduler = self._make_scheduler(total_steps)
         self.optimizer.load_state_dict(state["optimizer"])
@@ -210,6 +296,7 @@ class Trainer:
         self.step, self.epoch = state["step"], state["epoch"]
         self.batch_in_epoch = state.get("batch_in_epoch", 0)  # checkpoints before mid-epoch saves: 0
         self.epoch_sums = dict(state.get("epoch_sums", {}))
+        self.best = state.get("best")
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         random.setstate(state["rng"]["python"])
@@ -218,28 +305,81 @@ class Trainer:
     def _batch_loss(self, data: ClipData, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
         cfg, dev = self.cfg, self.device
         img_rows = data.cap_image_index[idx]
-        pix = to_pixel_values(data.images_u8[img_rows].to(dev), self.mean, self.std)
+        images = data.images_u8[img_rows]
         pairs = (
             [(k, p) for k, i in enumerate(idx) for p in data.local_pairs[i]] if cfg.local_weight > 0 else []
         )
         size_hw = tuple(data.images_u8.shape[2:])
+        boxes = np.stack([p.box_xyxy for _, p in pairs]).astype(np.float32) if pairs else np.zeros((0, 4))
+        generator = step_generator(cfg.seed, self.step)
+        logs: dict[str, float] = {}
+        if self.image_augment is not None:
+            images, boxes, keep = augment_batch(
+                images,
+                np.asarray([k for k, _ in pairs], dtype=np.int64),
+                boxes,
+                self.image_augment,
+                generator,
+                fill_u8=tuple(int(round(255 * float(m))) for m in self.mean.flatten()),
+            )
+            if pairs:
+                logs["local_pairs_kept_frac"] = float(np.mean(keep))
+            pairs = [pair for pair, ok in zip(pairs, keep, strict=True) if ok]
+            boxes = boxes[keep]
+        pix = to_pixel_values(images.to(dev), self.mean, self.std)
         if pairs:
-            boxes = np.stack([p.box_xyxy for _, p in pairs])
-            weights = box_patch_weights(boxes, patch_grid_hw(self.model, size_hw), size_hw)
+            weights = torch.from_numpy(box_patch_weights(boxes, patch_grid_hw(self.model, size_hw), size_hw))
             region_index = torch.tensor([k for k, _ in pairs], device=dev)
-            image_emb, region_emb = image_and_region_embeddings(
-                self.model, pix, region_index, torch.from_numpy(weights).to(dev)
-            )
         else:
-            image_emb, _ = image_and_region_embeddings(
-                self.model, pix, torch.zeros(0, dtype=torch.long, device=dev), torch.zeros((0, 1), device=dev)
-            )
-        text_emb = caption_embeddings(self.model, data, idx, cfg.text_mode, self.pad_id, dev)
+            weights = torch.zeros((0, 1))
+            region_index = torch.zeros(0, dtype=torch.long, device=dev)
+        image_feat, region_emb, image_tokens = vision_forward(
+            self.model, pix, region_index, weights.to(dev), token_features=cfg.mlm_weight > 0
+        )
+        transform = None
+        if self.text_augment is not None:
+
+            def transform(seqs):
+                return augment_tokens(
+                    seqs,
+                    self.text_augment,
+                    mask_id=self.mask_id,
+                    vocab_size=self.vocab_size,
+                    special_ids=self.special_ids,
+                    generator=generator,
+                )
+
+        text_feat = caption_features(self.model, data, idx, cfg.text_mode, self.pad_id, dev, transform)
         scale = self.model.logit_scale.exp().clamp(max=100.0)
         pids = torch.from_numpy(data.cap_pids[idx]).to(dev)
-        loss_global = identity_aware_loss(text_emb, image_emb, pids, scale)
-        logs = {"loss_global": float(loss_global.detach())}
+        global_loss = GLOBAL_LOSSES[cfg.global_loss]
+        if cfg.global_loss == "sdm":
+            loss_global = global_loss(text_feat, image_feat, pids, scale, temperature=cfg.sdm_temperature)
+        else:
+            loss_global = global_loss(text_feat, image_feat, pids, scale)
+        logs["loss_global"] = float(loss_global.detach())
         loss = loss_global
+        if cfg.id_loss_weight > 0:
+            classes = torch.tensor([self._class_lookup[int(p)] for p in data.cap_pids[idx]], device=dev)
+            classifier = self.heads["id"]
+            loss_id = id_loss(classifier(image_feat.float()), classifier(text_feat.float()), classes)
+            loss = loss + cfg.id_loss_weight * loss_id
+            logs["loss_id"] = float(loss_id.detach())
+        if cfg.mlm_weight > 0:
+            ids, mask = pad_token_ids([data.cap_tokens[i] for i in idx], self.pad_id, dev)
+            masked, labels = mask_tokens(
+                ids.cpu(),
+                mask.cpu(),
+                mask_id=self.mask_id,
+                vocab_size=self.vocab_size,
+                special_ids=self.special_ids,
+                generator=generator,
+            )
+            tokens = text_token_features(self.model, masked.to(dev), mask)[0]
+            scores = self.heads["mlm"](tokens, image_tokens, mask == 0)
+            loss_mlm = mlm_loss(scores.float(), labels.to(dev))
+            loss = loss + cfg.mlm_weight * loss_mlm
+            logs["loss_mlm"] = float(loss_mlm.detach())
         if pairs:
             ids, mask = pad_token_ids([p.token_ids for _, p in pairs], self.pad_id, dev)
             sent_emb = text_embeddings(self.model, ids, mask)
@@ -265,9 +405,12 @@ class Trainer:
         resume: bool = False,
         stop_after: int | None = None,
         stop_on_signals: bool = False,
+        val: ClipData | None = None,
     ) -> dict:
         """Train to cfg.epochs (or only `stop_after` more epochs: a time-boxed slice of a longer run,
-        which `resume=True` later continues exactly); returns the last evaluation's metrics."""
+        which `resume=True` later continues exactly); returns the reported test metrics: those of the best
+        epoch on `val` when a val split is given (its weights in checkpoint-best/), else the last
+        evaluation's. metrics.json's "selection" says which split chose which epoch."""
         cfg = self.cfg
         if len(train) == 0:
             raise ValueError("no training captions (check the manifest's train split and image errors)")
@@ -279,29 +422,74 @@ class Trainer:
         total_steps = steps_per_epoch * cfg.epochs
         ckpt = self.run_dir / "checkpoint"
         history_path = self.run_dir / "history.jsonl"
-        if resume and (ckpt / "trainer_state.pt").exists():
+        resuming = resume and (ckpt / "trainer_state.pt").exists()
+        if not resuming:  # seeded before the heads are built: their initial weights belong to the run
+            torch.manual_seed(cfg.seed)
+            np.random.seed(cfg.seed)
+            random.seed(cfg.seed)
+        if self.objective is None:
+            self._build_heads(train)
+        self._build_optimizer()
+        if resuming:  # the heads' weights and the RNG states come from the checkpoint
             self.load_state(ckpt, total_steps)
             # A process killed after its last checkpoint (SIGKILL, OOM) logged past it: those records go,
             # the resumed run writes them again
             _keep_records(history_path, lambda r: r.get("epoch", 0) <= self.epoch, jsonl=True)
             _keep_records(self.run_dir / STEPS_CSV, lambda r: int(r["step"]) <= self.step, jsonl=False)
         else:
-            torch.manual_seed(cfg.seed)
-            np.random.seed(cfg.seed)
-            random.seed(cfg.seed)
             self.scheduler = self._make_scheduler(total_steps)
             history_path.write_text("")
             (self.run_dir / STEPS_CSV).unlink(missing_ok=True)
-        self._step_log = StepLog(self.run_dir / STEPS_CSV, cfg.log_every_steps, self.device)
+            shutil.rmtree(self.run_dir / BEST_CHECKPOINT, ignore_errors=True)
+            self.best = None
+        writer = tensorboard_writer(self.run_dir) if cfg.tensorboard else None
+        self._step_log = StepLog(self.run_dir / STEPS_CSV, cfg.log_every_steps, self.device, writer)
         use_amp = cfg.amp and self.device.type == "cuda"
-        metrics: dict = {}
         last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, self.epoch + stop_after)
-        with self._stop_on_signals() if stop_on_signals else nullcontext():
-            metrics = self._train_epochs(train, test, last_epoch, steps_per_epoch, history_path, use_amp)
-        if test is not None and not metrics:
-            metrics = self.evaluate(test)
+        try:
+            with self._stop_on_signals() if stop_on_signals else nullcontext():
+                self._train_epochs(train, test, val, last_epoch, steps_per_epoch, history_path, use_amp)
+        finally:
+            if writer is not None:
+                writer.close()
+        metrics = self._reported_metrics(history_path, test, val)
         (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
         plot_curves(history_path, self.run_dir / "curves.png")
+        return metrics
+
+    def _reported_metrics(self, history_path: Path, test, val) -> dict:
+        """The test figures to report, and the "selection" that says where they come from."""
+        if test is None:
+            return {}
+        records = [json.loads(ln) for ln in history_path.read_text().splitlines() if ln.strip()]
+        evaluated = [r for r in records if "eval" in r]
+        if val is not None and self.best is not None:
+            chosen = next(r for r in evaluated if r["epoch"] == self.best["epoch"])
+            metrics = dict(chosen["eval"])
+            metrics["selection"] = {
+                "checkpoint": BEST_CHECKPOINT,
+                "chosen_on": "val",
+                "epoch": self.best["epoch"],
+                "metric": "R1",
+                "val": {k: self.best[k] for k in ("R1", "mAP")},
+                "reported_on": "test",
+            }
+            last = evaluated[-1]
+            metrics["last_epoch"] = {"epoch": last["epoch"]} | {
+                k: last["eval"][k] for k in ("R1", "R5", "R10", "mAP", "mINP")
+            }
+            return metrics
+        # the latest epoch's evaluation, or one now (a time-boxed slice may end between evaluations)
+        latest = records[-1] if records else None
+        metrics = dict(latest["eval"]) if latest and "eval" in latest else self.evaluate(test)
+        epoch = self.epoch
+        metrics["selection"] = {
+            "checkpoint": "checkpoint",
+            "chosen_on": None,
+            "epoch": epoch,
+            "reported_on": "test",
+            "why": "no val split in the manifest: the last epoch is reported",
+        }
         return metrics
 
     @contextmanager
@@ -326,12 +514,14 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _train_epochs(
-        self, train, test, last_epoch: int, steps_per_epoch: int, history_path: Path, use_amp
-    ) -> dict:
+        self, train, test, val, last_epoch: int, steps_per_epoch: int, history_path: Path, use_amp
+    ) -> None:
         cfg = self.cfg
-        metrics: dict = {}
+        params = self.trainable_parameters()
+        clip_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf  # inf: the norm, no clipping
         while self.epoch < last_epoch:
             self.model.train()
+            self.heads.train()
             batches = self._epoch_batches(train, self.epoch)
             t0 = time.perf_counter()
             # A bar on a terminal only (disable=None); every epoch also ends with one plain line below.
@@ -339,20 +529,9 @@ class Trainer:
             bar = tqdm(todo, desc=f"epoch {self.epoch + 1}/{cfg.epochs}", leave=False, disable=None)
             sums = self.epoch_sums
             for idx in bar:
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-                    loss, logs = (
-                        self.objective.loss(self, train, idx)
-                        if self.objective
-                        else self._batch_loss(train, idx)
-                    )
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-                self.optimizer.step()
-                self.scheduler.step()
-                self.step += 1
+                logs, grad_norm = self.train_step(train, idx, params, clip_norm, use_amp)
                 self.batch_in_epoch += 1
-                self._step_log.after_step(self, logs, len(idx), float(grad_norm))
+                self._step_log.after_step(self, logs, len(idx), grad_norm)
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
@@ -364,17 +543,55 @@ class Trainer:
             self.batch_in_epoch, self.epoch_sums = 0, {}
             record = {k: v / steps_per_epoch for k, v in sums.items()}
             record.update(epoch=self.epoch, step=self.step, epoch_seconds=time.perf_counter() - t0)
-            if test is not None and (self.epoch % cfg.eval_every_epochs == 0 or self.epoch == cfg.epochs):
-                metrics = self.evaluate(test)
-                record["eval"] = metrics
+            new_best = False
+            if self.epoch % cfg.eval_every_epochs == 0 or self.epoch == cfg.epochs:
+                if val is not None:
+                    record["val"] = self.evaluate(val)
+                    if self.best is None or record["val"]["R1"] > self.best["R1"]:
+                        self.best = {
+                            "epoch": self.epoch,
+                            "R1": record["val"]["R1"],
+                            "mAP": record["val"]["mAP"],
+                        }
+                        new_best = True
+                if test is not None:
+                    record["eval"] = self.evaluate(test)
             with history_path.open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
+            self._step_log.after_epoch(record)
             print(epoch_line(record, cfg.epochs), flush=True)
+            if new_best:  # before the checkpoint: a crash between the two re-evaluates this epoch on resume
+                self._save_best()
             self.save_checkpoint()
             if self.stop_signal is not None and self.epoch < last_epoch:  # came during evaluation or save
                 where = f"after epoch {self.epoch}, step {self.step}"
                 raise TrainingInterrupted(self.run_dir / "checkpoint", self.stop_signal, where)
-        return metrics
+
+    def train_step(
+        self, train, idx: np.ndarray, params, clip_norm: float, use_amp: bool
+    ) -> tuple[dict, float]:
+        """One optimizer step on batch `idx` (forward under bf16 autocast on CUDA, backward, clipping, the
+        optimizer and the schedule): (the step's logs, the gradient norm before clipping)."""
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
+            loss, logs = (
+                self.objective.loss(self, train, idx) if self.objective else self._batch_loss(train, idx)
+            )
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return logs, float(grad_norm)
+
+    def prepare(self, train, total_steps: int) -> None:
+        """Heads, optimizer and schedule for a fresh run on `train` (what `fit` does before its loop when
+        not resuming; bench/train_gpu.py times `train_step` after it)."""
+        self._steps_per_epoch = len(self._epoch_batches(train, 0))
+        if self.objective is None:
+            self._build_heads(train)
+        self._build_optimizer()
+        self.scheduler = self._make_scheduler(total_steps)
 
     def _epoch_batches(self, train, epoch: int) -> list[np.ndarray]:
         """The epoch's batches; they depend only on (seed, epoch), so a resumed run sees the same ones."""
@@ -391,6 +608,31 @@ class Trainer:
         out = evaluate_global(self.model, test, self.processor, self.cfg.text_mode)
         out.update(evaluate_local(self.model, test, self.processor))
         return out
+
+
+HEADS_FILE = "heads.pt"  # training-only modules beside a checkpoint's CLIP folder (the miner ignores it)
+BEST_CHECKPOINT = "checkpoint-best"
+
+
+def _swap_in(tmp: Path, target: Path) -> None:
+    """Replace `target` by the folder `tmp` whole, so a crash mid-save leaves the previous one intact."""
+    old = target.with_name(f".{target.name}.old")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def tensorboard_writer(run_dir: Path):
+    """A SummaryWriter on RUN_DIR/tensorboard (`tensorboard --logdir RUN_DIR/tensorboard`)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as exc:  # the package comes with the project; a trimmed install may lack it
+        raise RuntimeError(
+            f"--tensorboard needs the tensorboard package ({exc}): pip install tensorboard"
+        ) from exc
+    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
 
 
 def _keep_records(path: Path, keep, jsonl: bool) -> None:
@@ -410,18 +652,20 @@ def _keep_records(path: Path, keep, jsonl: bool) -> None:
 
 
 STEPS_CSV = "steps.csv"
-STEP_FIELDS = ["step", "epoch", "loss", "loss_global", "loss_local", "lr", "logit_scale", "grad_norm",
-               "samples_per_s", "peak_mem_mb"]  # fmt: skip
+STEP_FIELDS = ["step", "epoch", "loss", "loss_global", "loss_local", "loss_id", "loss_mlm", "lr", "logit_scale",
+               "grad_norm", "samples_per_s", "peak_mem_mb"]  # fmt: skip
+LOSS_FIELDS = [f for f in STEP_FIELDS if f.startswith("loss")]
 
 
 class StepLog:
     """Every `every` optimizer steps: one plain line (batch jobs see progress without a terminal) and the
-    same figures as a row of RUN_DIR/steps.csv (appended across resumes). Losses are the step's own, lr the
-    first parameter group's, samples/s since the previous line, peak memory the CUDA allocator's peak on a
-    GPU and the process's peak RSS on a CPU, in MiB."""
+    same figures as a row of RUN_DIR/steps.csv (appended across resumes) and, with a TensorBoard writer,
+    as scalars under train/. Losses are the step's own, lr the base lr (a group's lr / its factor),
+    samples/s since the previous line, peak memory the CUDA allocator's peak on a GPU and the process's
+    peak RSS on a CPU, in MiB. `after_epoch` writes the epoch's evaluations to TensorBoard (val/, test/)."""
 
-    def __init__(self, path: Path, every: int, device: torch.device):
-        self.path, self.every, self.device = path, max(0, every), device
+    def __init__(self, path: Path, every: int, device: torch.device, writer=None):
+        self.path, self.every, self.device, self.writer = path, max(0, every), device, writer
         self.samples, self.t_last = 0, time.perf_counter()
 
     def after_step(self, trainer: Trainer, logs: dict, batch_size: int, grad_norm: float) -> None:
@@ -429,11 +673,11 @@ class StepLog:
         if not self.every or trainer.step % self.every:
             return
         now = time.perf_counter()
-        row = {k: logs.get(k) for k in ("loss", "loss_global", "loss_local")}
+        row = {k: logs.get(k) for k in LOSS_FIELDS}
         row |= {
             "step": trainer.step,
             "epoch": trainer.epoch + 1,
-            "lr": trainer.optimizer.param_groups[0]["lr"],
+            "lr": trainer.base_lr() if trainer.optimizer is not None else None,
             "logit_scale": float(trainer.model.logit_scale.detach().exp())
             if hasattr(trainer.model, "logit_scale")
             else None,
@@ -453,6 +697,19 @@ class StepLog:
             if new:
                 writer.writeheader()
             writer.writerow({k: "" if row.get(k) is None else row[k] for k in STEP_FIELDS})
+        if self.writer is not None:
+            for k in STEP_FIELDS[2:]:
+                if row.get(k) is not None:
+                    self.writer.add_scalar(f"train/{k}", row[k], row["step"])
+
+    def after_epoch(self, record: dict) -> None:
+        if self.writer is None:
+            return
+        for split, key in (("val", "val"), ("test", "eval")):
+            for name, value in record.get(key, {}).items():
+                if isinstance(value, float):
+                    self.writer.add_scalar(f"{split}/{name}", value, record["epoch"])
+        self.writer.flush()
 
     def peak_mem_mb(self) -> float:
         if self.device.type == "cuda":

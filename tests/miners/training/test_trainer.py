@@ -10,14 +10,10 @@ import torch
 from miners.clip_scorer import load_clip
 from miners.train_rogle import main as rogle_main
 from miners.training.bootstrap import main as bootstrap_main
+from miners.training.config import RUN_ONLY_FIELDS, TrainConfig
 from miners.training.data import build_clip_data
-from miners.training.trainer import (
-    RUN_ONLY_FIELDS,
-    TrainConfig,
-    Trainer,
-    identity_aware_loss,
-    local_alignment_loss,
-)
+from miners.training.losses import identity_infonce as identity_aware_loss
+from miners.training.trainer import Trainer, local_alignment_loss
 
 
 def test_identity_aware_loss_treats_same_person_as_positive():
