@@ -13,8 +13,11 @@
 9. `bench/eval_memory.py` — retrieval metrics at ICFG-PEDES size (19,848 x 19,848): peak memory and time;
 10. `bench/gpu.py` — SAM / CLIP throughput and FLOP/s fraction (real sizes on CUDA, tiny shapes on a CPU)
    → bench/gpu.json;
-11. the real-size CPU path: random-init CLIP ViT-B/16 and SAM vit_b in their on-disk formats mined through
-   the flow CLI (pytest marker `realsize`) → bench/realsize.json (seconds per image).
+11. `bench/train_gpu.py` — training steps/s, samples/s and peak memory at batch 64 and 128 (CLIP ViT-B/16
+   at 384 x 128, `--preset irra-b16`, bf16 on CUDA; tiny shapes on a CPU) → bench/train_gpu.json;
+12. the real-size CPU path (pytest marker `realsize`): random-init CLIP ViT-B/16 and SAM vit_b in their
+   on-disk formats mined through the flow CLI → bench/realsize.json (seconds per image), and one training
+   step of a random-init OpenAI-layout ViT-B/16 `.pt` with `--preset irra-b16` through `train_rogle`.
 """
 
 from __future__ import annotations
@@ -65,7 +68,25 @@ STEPS = [
         "--results",
         "bench/RESULTS.md",
     ],
-    [sys.executable, "-m", "pytest", "-q", "-s", "-m", "realsize", "tests/miners/test_real_size.py"],
+    [
+        sys.executable,
+        str(BENCH / "train_gpu.py"),
+        "--out",
+        str(BENCH / "train_gpu.json"),
+        "--results",
+        "bench/RESULTS.md",
+    ],
+    [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-s",
+        "-m",
+        "realsize",
+        "tests/miners/test_real_size.py",
+        "tests/miners/training/test_real_size_train.py",
+    ],
 ]
 
 

@@ -12,7 +12,7 @@ CROP_MODES = ("box", "mask", "blur")
 
 
 # What this project writes beside a model: not part of the model's identity
-_OURS = {"bootstrap.json", "rsm-calibrator.json", "rsm-bank.json", "refine.json"}
+_OURS = {"bootstrap.json", "rsm-calibrator.json", "rsm-bank.json", "refine.json", "convert_clip.json"}
 # fingerprint by (folder, each hashed file's name, size, mtime): the driver needs it twice at start-up
 # (preflight, run identity), and a real checkpoint is hundreds of MB to read
 _FINGERPRINTS: dict[tuple, str] = {}
@@ -56,10 +56,22 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def resolve_model_ref(ref: str | Path) -> tuple[Path, str | None]:
-    """A model given as a folder, or as a Hugging Face model id ("openai/clip-vit-base-patch16") resolved
-    offline from the local Hugging Face cache (HF_HUB_CACHE; nothing is downloaded here). Returns (folder,
-    None), or (the ref as a path, why it is neither: the cache folder it looked in included)."""
+    """A model given as a folder, as a Hugging Face model id ("openai/clip-vit-base-patch16") resolved
+    offline from the local Hugging Face cache (HF_HUB_CACHE; nothing is downloaded here), or as an OpenAI
+    CLIP `.pt` checkpoint, converted once to a from_pretrained folder (miners.convert_clip.converted_folder,
+    which says whether it converted or reused). Returns (folder, None), or (the ref as a path, why it is
+    none of them: the cache folder it looked in, or why the checkpoint does not convert)."""
     path = Path(ref)
+    if str(ref).endswith(".pt") and not path.is_dir():
+        if not path.is_file():
+            return path, f"{ref}: no such checkpoint file"
+        # Imported here: the flow's driver imports this module and must not pay for torch
+        from miners.convert_clip import converted_folder
+
+        try:
+            return converted_folder(path), None
+        except Exception as exc:  # a ConversionError, or a file neither torch.load nor torch.jit.load reads
+            return path, f"{ref}: cannot convert this OpenAI CLIP checkpoint: {exc}"
     if path.exists() or not _HUB_ID.fullmatch(str(ref)):
         return path, None
     from huggingface_hub import snapshot_download

@@ -46,8 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--manifest", type=Path, help="default: the manifest the shards were mined from")
     ap.add_argument(
         "--init",
-        help="CLIP to start from: a from_pretrained folder, or a Hugging Face model id found in the local HF "
-        "cache (default: the mining run's CLIP)",
+        help="CLIP to start from: a from_pretrained folder, a Hugging Face model id found in the local HF "
+        "cache, or an OpenAI CLIP .pt checkpoint (converted once, see python -m miners.convert_clip; "
+        "default: the mining run's CLIP)",
     )
     ap.add_argument(
         "--out",
