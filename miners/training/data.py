@@ -15,15 +15,18 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pyarrow as pa
 import torch
 from PIL import Image
 
-from miners.captions import CaptionSplitter
 from miners.encoders import input_size_hw, tokenize
-from miners.images import ImageLoadError, contained_path, load_rgb
+
+if TYPE_CHECKING:  # ClipData and the trainer need neither pyarrow nor spaCy; building the data does
+    import pyarrow as pa
+
+    from miners.captions import CaptionSplitter
 
 
 @dataclass
@@ -109,6 +112,8 @@ def _decode_key(root: Path, items: list[tuple[str, str]], size_hw: tuple[int, in
 
 
 def _decode_one(root: Path, rel: str, size_hw: tuple[int, int]):
+    from miners.images import ImageLoadError, contained_path, load_rgb
+
     try:
         # Training reads the same manifests as mining, so the same root containment holds.
         rgb = load_rgb(contained_path(root, rel))
@@ -177,6 +182,8 @@ def build_clip_data(
     """Decode and tokenise the manifest rows (any split: filter the table first)."""
     root = manifest_root(manifest, root)
     size_hw = input_size_hw(processor)
+    from miners.captions import CaptionSplitter
+
     splitter = splitter or CaptionSplitter(split_clauses=False)
     rows = manifest.to_pylist()
 

@@ -102,7 +102,8 @@ def evaluate_global(
                 for i in range(0, len(data), batch_size)
             ]
         )
-        by_mode[mode] = _retrieval_figures((queries @ gallery.T).cpu().numpy(), data)
+        # ranked where it was computed: a GPU evaluation never copies the Q x G matrix to the host
+        by_mode[mode] = _retrieval_figures(queries @ gallery.T, data)
         by_mode[mode]["num_gallery"] = int(gallery.shape[0])
     out = by_mode[text_mode]
     out["text_mode"] = text_mode
@@ -118,7 +119,7 @@ def evaluate_global(
     return out
 
 
-def _retrieval_figures(sim: np.ndarray, data: ClipData) -> dict:
+def _retrieval_figures(sim: torch.Tensor, data: ClipData) -> dict:
     out = retrieval_metrics(sim, data.cap_pids, data.image_pids)
     out["num_queries"] = len(data)
     try:  # image→text: each image ranks the captions; relevant = the same person's captions
@@ -127,7 +128,8 @@ def _retrieval_figures(sim: np.ndarray, data: ClipData) -> dict:
         out["i2t"] = {"unavailable": str(exc)}
     long_mask = data.cap_n_sentences >= LONG_QUERY_MIN_SENTENCES
     if long_mask.any():
-        long = retrieval_metrics(sim[long_mask], data.cap_pids[long_mask], data.image_pids)
+        rows = torch.from_numpy(np.flatnonzero(long_mask)).to(sim.device)
+        long = retrieval_metrics(sim[rows], data.cap_pids[long_mask], data.image_pids)
         long["num_queries"] = int(long_mask.sum())
     else:
         long = {"num_queries": 0}
