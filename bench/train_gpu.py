@@ -4,7 +4,7 @@ Consumes nothing but the code: a random-init CLIP of the real architecture (thro
 the weights' values) and synthetic batches; produces a JSON report (`--out`, default bench/train_gpu.json)
 and, with `--results FILE`, a dated section appended to that Markdown file.
 
-    python bench/train_gpu.py [--tiny] [--preset irra-b16] [--batch-sizes 64 128] [--steps 10]
+    python bench/train_gpu.py [--tiny] [--method irra] [--preset irra-b16] [--batch-sizes 64 128] [--steps 10]
                               [--local-pairs 2] [--out bench/train_gpu.json] [--results bench/RESULTS.md]
 
 Modes. real (where CUDA is available): CLIP ViT-B/16 with OpenAI's shapes (vision 768 x 12 layers, patch
@@ -13,8 +13,9 @@ position embeddings interpolated), the step under bf16 autocast as `train_rogle`
 chosen automatically without CUDA): a 2-layer 64-wide CLIP at 64 x 32 pixels on the CPU, so that a test can
 run the whole script; its figures say nothing about a GPU.
 
-What one step is: the preset's whole objective through `Trainer.train_step` — irra-b16: SDM + ID + MLM
-(IRRA's fusion), IRRA's image augmentation, truncated captions of 60 tokens — plus, with `--local-pairs K`,
+What one step is: the method's whole objective through `Trainer.train_step` — `--method irra --preset
+irra-b16` (the defaults): SDM + ID + MLM (IRRA's fusion), IRRA's image augmentation, truncated captions of
+60 tokens — plus, with `--local-pairs K`,
 ROGLE's local branch on K region–sentence pairs per caption (sentences of 14 tokens, random boxes).
 Captions come 2 per person, so the identity-aware losses see positives. The token ids are random: a
 tokenizer is not needed to time a step, and the processor is a stand-in holding CLIP's normalisation.
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU (automatic without CUDA)")
     ap.add_argument("--preset", default="irra-b16")
+    ap.add_argument("--method", default="irra", help="the training method (miners.training.methods)")
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 64 128 (tiny: 8 16)")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
@@ -179,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     model, processor, size_hw, vocab = build_clip(tiny)
     rows = []
     for bs in batch_sizes:
-        flags = {"batch_size": bs, "device": str(device), "log_every_steps": 0}
-        flags["local_weight"] = 0.5 if args.local_pairs else 0.0
+        flags = {"batch_size": bs, "device": str(device), "log_every_steps": 0, "method": args.method}
+        flags["local"] = "rsm" if args.local_pairs else "none"
         cfg, _ = resolve_config(args.preset, None, flags)
         data = synthetic_data(max(2 * bs, 4), size_hw, vocab, args.local_pairs)
         model_copy = build_clip(tiny)[0] if rows else model  # each batch size from the same start
@@ -202,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         else f"CPU ({platform.processor() or platform.machine()})",
         "torch": torch.__version__,
         "preset": args.preset,
+        "method": args.method,
         "image_size_hw": list(size_hw),
         "local_pairs_per_caption": args.local_pairs,
         "amp": "bf16 autocast" if device.type == "cuda" else "fp32",
@@ -214,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         lines = [
             f"\n## Training throughput ({report['mode']}), {report['date']}\n",
             f"Machine: {report['device']}, torch {report['torch']}, {report['amp']}, 1 process. "
-            f"Command: `{report['command']}`. Preset {args.preset}, {size_hw[0]}x{size_hw[1]} px, "
+            f"Command: `{report['command']}`. Method {args.method}, preset {args.preset}, {size_hw[0]}x{size_hw[1]} px, "
             f"{args.local_pairs} local pairs per caption; {args.steps} timed steps after {args.warmup}.\n",
             "| batch | steps/s | samples/s | peak memory (MiB) | losses |",
             "| --- | --- | --- | --- | --- |",

@@ -5,12 +5,14 @@ registries carry exactly these names)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 # miners.training.losses.GLOBAL_LOSSES and miners.training.augment.IMAGE_AUGMENTS have these keys
 GLOBAL_LOSS_NAMES = ("identity-infonce", "sdm", "itc", "cmpm")
 IMAGE_AUGMENT_NAMES = ("none", "irra")
+# miners.training.methods.METHODS has these keys
+METHOD_NAMES = ("rogle", "irra", "park", "scmm", "ivt")
 
 # TrainConfig fields that change no weight (where the run goes, how often it evaluates and logs): a model's
 # identity (the bootstrap's reuse check) and a resume's refusal leave them out, so a release adding one of
@@ -40,6 +42,9 @@ class TrainConfig:
     warmup_epochs: float | None = None  # when set, the warm-up length in epochs (IRRA: 5)
     warmup_start_factor: float = 0.0
     schedule_per: str = "step"  # "step": lr changes every step; "epoch": once per epoch (IRRA)
+    method: str = "rogle"  # miners.training.methods: rogle, irra, park, scmm, ivt
+    method_options: dict[str, Any] = field(default_factory=dict)  # the method's own options (its dataclass)
+    local: str = "none"  # "rsm": add ROGLE's reliability-weighted region–sentence branch (mined pairs)
     text_mode: str = "sentence-pool"  # or "truncate": how long captions become one global embedding
     global_loss: str = "identity-infonce"  # miners.training.losses.GLOBAL_LOSSES: or sdm, itc, cmpm
     sdm_temperature: float = 0.02  # SDM's fixed temperature (IRRA); the learned logit scale is not used
@@ -47,7 +52,7 @@ class TrainConfig:
     mlm_weight: float = 0.0  # > 0: IRRA's implicit relation reasoning (MLM through cross-modal fusion)
     augment: str = "none"  # or "irra": flip, pad-10 random crop, random erasing (boxes follow the image)
     text_augment: bool = False  # token mask / replace / delete (RDE's rates) on the global text
-    local_weight: float = 0.0  # 0 = global only (the bootstrap); ROGLE uses > 0
+    local_weight: float = 0.5  # the local branch's weight, when local == "rsm"
     local_temperature: float = 0.05
     use_reliability: bool = True
     reliability_threshold: float = 0.5

@@ -2,15 +2,16 @@
 
 Consumes a preset name (`tiny`, `irra-b16`), an optional YAML or JSON file of `TrainConfig` fields, and
 the flags a user gave; produces the resolved `TrainConfig` (saved by the trainer as RUN_DIR/config.json)
-and where each field's value came from. Precedence, lowest first: the TrainConfig defaults, the preset,
-the file, the flags.
+and where each field's value came from. Precedence, lowest first: the TrainConfig defaults, the command's
+own defaults, the method's defaults (its losses: miners.training.methods), the preset (the optimizer,
+schedule, augmentation and text mode of a published recipe), the file, the flags.
 
 `irra-b16` is IRRA's published recipe (anosorae/IRRA, options.py and solver/, read in ../shared/METHODS.md
 section 1) where this harness has the option: Adam, lr 1e-5, eps 1e-3, weight decay 4e-5, biases at 2x lr
 and no decay, new heads (IRRA's `cross*`, `classifier`, `mlm_head`: here the MLM fusion and the ID
 classifier) at 5x lr, 60 epochs, 5 warm-up epochs linear from 0.1x then cosine to 0, stepped per epoch,
-batch 64, SDM (temperature 0.02) + ID + MLM all weighted 1, IRRA's image augmentation, whole captions
-truncated at 77 tokens, no gradient clipping. Where it differs: IRRA casts the weights to fp16; this
+batch 64, IRRA's image augmentation, whole captions truncated at 77 tokens, no gradient clipping. IRRA's
+losses (SDM + ID + MLM) are its method: `--method irra --preset irra-b16` is IRRA. Where it differs: IRRA casts the weights to fp16; this
 harness trains in fp32 with bf16 autocast on CUDA. The 384x128 input is the processor's size, or this
 project's default for a checkpoint whose processor has none (miners.encoders.input_size_hw).
 `tiny` is the defaults `train_rogle` has always had, fitted to the tiny bootstrapped CLIP.
@@ -18,12 +19,13 @@ project's default for a checkpoint whose processor has none (miners.encoders.inp
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from miners.training.config import GLOBAL_LOSS_NAMES, IMAGE_AUGMENT_NAMES, TrainConfig
+from miners.training.config import GLOBAL_LOSS_NAMES, IMAGE_AUGMENT_NAMES, METHOD_NAMES, TrainConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
     # train_rogle's defaults before presets existed (fine-tuning the tiny CLIP the demo bootstraps)
@@ -40,10 +42,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "warmup_epochs": 5.0,
         "warmup_start_factor": 0.1,
         "schedule_per": "epoch",
-        "global_loss": "sdm",
-        "sdm_temperature": 0.02,
-        "id_loss_weight": 1.0,
-        "mlm_weight": 1.0,
         "augment": "irra",
         "text_mode": "truncate",
         "max_grad_norm": 0.0,
@@ -88,7 +86,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
 def _typed(name: str, value: Any) -> Any:
     """A file's value in the field's type (YAML reads 1e-5 as a string; JSON has no tuples)."""
     default = getattr(TrainConfig(), name)
-    if value is None or default is None:
+    if value is None or default is None or isinstance(default, dict | str):
         return value
     if isinstance(default, bool):
         if not isinstance(value, bool):
@@ -118,24 +116,44 @@ def resolve_config(
     0.5); `flags` only what the user gave on the command line (None values are ignored)."""
     if preset is not None and preset not in PRESETS:
         raise RecipeError(f"--preset {preset}: unknown; choose one of {', '.join(PRESETS)}")
+    file_values = read_config_file(config_file) if config_file is not None else {}
+    given = {k: v for k, v in flags.items() if v is not None}
+    method = given.get("method") or file_values.get("method") or (base or {}).get("method") or "rogle"
+    if method not in METHOD_NAMES:
+        raise RecipeError(f"method {method!r}: unknown; choose one of {', '.join(METHOD_NAMES)}")
+    from miners.training.methods import method_class  # the method's defaults (imports torch)
+
     values: dict[str, Any] = {}
     source: dict[str, str] = {}
-    layers = [("command default", base or {}), (f"preset {preset}", PRESETS[preset] if preset else {})]
-    if config_file is not None:
-        layers.append((f"config {config_file}", read_config_file(config_file)))
-    layers.append(("flag", {k: v for k, v in flags.items() if v is not None}))
+    layers = [
+        ("command default", base or {}),
+        (f"method {method}", dict(method_class(method).defaults)),
+        (f"preset {preset}", PRESETS[preset] if preset else {}),
+        (f"config {config_file}", file_values),
+        ("flag", given),
+    ]
     for where, layer in layers:
         for name, value in layer.items():
+            if name == "method_options" and name in values:  # options merge, later layers win per key
+                value = {**values[name], **value}
             values[name] = _typed(name, value) if where != "flag" else value
             source[name] = where
     cfg = TrainConfig(**values)
     check_config(cfg)
+    from miners.training.methods import method_options
+
+    try:  # every option of the method, its defaults filled in: config.json says what the run used
+        cfg.method_options = dataclasses.asdict(method_options(cfg.method, cfg.method_options))
+    except (ValueError, TypeError) as exc:
+        raise RecipeError(str(exc)) from exc
     return cfg, source
 
 
 def check_config(cfg: TrainConfig) -> None:
     """Refuse values the trainer would only fail on later (after decoding a dataset)."""
     problems = []
+    if cfg.local not in ("none", "rsm"):
+        problems.append(f"local {cfg.local!r} (choose none or rsm)")
     if cfg.global_loss not in GLOBAL_LOSS_NAMES:
         problems.append(f"global_loss {cfg.global_loss!r} (choose {', '.join(GLOBAL_LOSS_NAMES)})")
     if cfg.augment not in IMAGE_AUGMENT_NAMES:

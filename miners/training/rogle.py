@@ -28,7 +28,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from miners.model_folder import clip_folder_problem, resolve_model_ref
-from miners.training.config import GLOBAL_LOSS_NAMES, IMAGE_AUGMENT_NAMES, TrainConfig, training_settings
+from miners.training.config import (
+    GLOBAL_LOSS_NAMES,
+    IMAGE_AUGMENT_NAMES,
+    METHOD_NAMES,
+    TrainConfig,
+    training_settings,
+)
 from miners.training.recipes import PRESETS, RecipeError, resolve_config
 
 # torch, transformers, pyarrow and the trainer are imported in `main`, after the arguments are parsed:
@@ -68,10 +74,29 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "IRRA's published recipe for CLIP ViT-B/16 (Adam 1e-5, 60 epochs, SDM + ID + MLM, augmentations)",
     )
     recipe.add_argument("--config", type=Path, help="a YAML or JSON file of TrainConfig fields")
+    recipe.add_argument(
+        "--method",
+        choices=list(METHOD_NAMES),
+        help="the training method (docs/methods.md): rogle (default: global alignment + the local branch on "
+        "mined pairs), irra, park, scmm, ivt",
+    )
+    recipe.add_argument(
+        "--local",
+        choices=["none", "rsm"],
+        help="rsm: add ROGLE's reliability-weighted region–sentence branch on the mined pairs to the method "
+        "(rogle: on by default with --pairs)",
+    )
+    recipe.add_argument(
+        "--method-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one of the method's own options (docs/methods.md), repeatable; e.g. --method-option stripes=4",
+    )
     recipe.add_argument("--epochs", type=int)
     recipe.add_argument("--batch-size", type=int)
     recipe.add_argument("--lr", type=float, help="base learning rate (tiny: 1e-4)")
-    recipe.add_argument("--no-local", action="store_true", help="global branch only")
+    recipe.add_argument("--no-local", action="store_true", help="no local branch (= --local none)")
     recipe.add_argument("--no-reliability", action="store_true", help="uniform weights for the local pairs")
     recipe.add_argument("--local-weight", type=float, help="weight of the local branch (default 0.5)")
     recipe.add_argument("--reliability-threshold", type=float, help="pairs below it are not used (0.5)")
@@ -170,7 +195,7 @@ def claim_run_dir(out: Path | None, resume: bool, overwrite: bool) -> tuple[Path
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg, sources = resolve_config(args.preset or "tiny", args.config, recipe_flags(args), ROGLE_BASE)
+        cfg, sources = resolve_config(args.preset or "tiny", args.config, recipe_flags(args))
     except RecipeError as exc:
         print(f"error: {exc}")
         return 2
@@ -203,7 +228,6 @@ def main(argv: list[str] | None = None) -> int:
             )
             return 2
         manifest_path, init = args.manifest, args.init
-        args.no_local = True
         print("train_rogle: no --pairs: global branch only (no mined region–sentence pairs)")
     # A resume starts from the run's own checkpoint: the start model need not exist any more
     has_checkpoint = bool(
@@ -231,9 +255,12 @@ def main(argv: list[str] | None = None) -> int:
     if pairs is not None:
         pairs = pairs.filter(pc.equal(pairs["split"], "train"))
 
-    if args.no_local:
-        cfg.local_weight = 0.0
-        sources["local_weight"] = "flag" if args.pairs is not None else "no --pairs"
+    if args.pairs is None and cfg.local != "none":  # nothing mined: no local branch, whatever the method
+        cfg.local = "none"
+        sources["local"] = "no --pairs"
+    if args.no_local and args.local == "rsm":
+        print("error: --no-local and --local rsm contradict each other")
+        return 2
     resuming = has_checkpoint  # args.out is the folder claim_run_dir kept
     if resuming:
         # The run continues from its own weights, never from --init: a preempted run resumed at epoch 30
@@ -271,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
         train_rows,
         processor,
         root=meta["root"],
-        pairs=None if args.no_local else pairs,
+        pairs=pairs if cfg.local == "rsm" else None,
         use_reliability=cfg.use_reliability,
         reliability_threshold=cfg.reliability_threshold,
     )
@@ -282,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"train_rogle: {len(train)} train captions, {n_local} local pairs "
         f"({'reliability-weighted' if cfg.use_reliability else 'uniform'}"
-        f"{', local branch off' if args.no_local else ''}), "
+        f"{', local branch off' if cfg.local != 'rsm' else ''}), "
         f"{len(test) if test else 0} test captions, "
         + (
             f"{len(val)} val captions (the best epoch on val is kept in checkpoint-best/)"
@@ -345,9 +372,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-# train_rogle's own defaults under every preset: ROGLE trains the local branch when pairs are given
-ROGLE_BASE = {"local_weight": 0.5}
-
 # flag (argparse dest) → TrainConfig field; store_true flags count only when given
 FLAG_FIELDS = {
     "epochs": "epochs",
@@ -364,6 +388,8 @@ FLAG_FIELDS = {
     "eval_every": "eval_every_epochs",
     "log_every": "log_every_steps",
     "device": "device",
+    "method": "method",
+    "local": "local",
 }
 
 
@@ -378,6 +404,16 @@ def recipe_flags(args: argparse.Namespace) -> dict:
         flags["text_augment"] = True
     if args.tensorboard:
         flags["tensorboard"] = True
+    if args.no_local:
+        flags["local"] = "none"
+    options = {}
+    for item in args.method_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise RecipeError(f"--method-option {item!r}: expected KEY=VALUE")
+        options[key.strip()] = value.strip()
+    if options:
+        flags["method_options"] = options
     return flags
 
 

@@ -30,29 +30,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from miners.encoders import (
-    box_patch_weights,
-    normalisation,
-    pad_token_ids,
-    patch_grid_hw,
-    pick_device,
-    text_embeddings,
-    text_token_features,
-    to_pixel_values,
-    vision_forward,
-)
-from miners.training.augment import IMAGE_AUGMENTS, TextAugment, augment_batch, augment_tokens
+from miners.encoders import normalisation, pad_token_ids, pick_device, text_embeddings
+from miners.training.augment import IMAGE_AUGMENTS, TextAugment
 from miners.training.config import TrainConfig
 from miners.training.data import ClipData
-from miners.training.evaluation import caption_features, evaluate_global, evaluate_local
-from miners.training.heads import (
-    FAST_LR_NAME_PARTS,
-    CrossModalMLM,
-    IdentityClassifier,
-    mask_token_id,
-    mask_tokens,
-)
-from miners.training.losses import GLOBAL_LOSSES, id_loss, mlm_loss
+from miners.training.evaluation import evaluate_global, evaluate_local
+from miners.training.heads import FAST_LR_NAME_PARTS, mask_token_id
+from miners.training.methods import build_method
+from miners.training.methods.base import Batch
 
 
 class TrainingInterrupted(RuntimeError):
@@ -168,8 +153,13 @@ class Trainer:
         # identities are known; saved as checkpoint/heads.pt beside the CLIP folder, never inside it
         self.heads = torch.nn.ModuleDict()
         self.pid_classes: list[int] = []  # class k of the ID classifier = person id pid_classes[k]
+        self.class_of_pid: dict[int, int] = {}
         self.image_augment = IMAGE_AUGMENTS[cfg.augment]
         self.text_augment = TextAugment() if cfg.text_augment else None
+        # the erased rectangle's fill: the normalisation mean, so it is 0 after normalising (IRRA: value=mean)
+        self.fill_u8 = tuple(int(round(255 * float(m))) for m in self.mean.flatten())
+        self.method = build_method(cfg.method, cfg.method_options) if objective is None else None
+        self.local_on = objective is None and cfg.local == "rsm" and cfg.local_weight > 0
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
         self.step = 0
@@ -185,26 +175,20 @@ class Trainer:
 
     # --- heads and optimizer -------------------------------------------------------------------
     def _build_heads(self, train) -> None:
-        cfg = self.cfg
-        width = int(self.model.config.projection_dim)
-        if cfg.id_loss_weight > 0 and "id" not in self.heads:
-            self.pid_classes = sorted({int(p) for p in train.cap_pids})
-            self.heads["id"] = IdentityClassifier(width, len(self.pid_classes))
-        if cfg.mlm_weight > 0 and "mlm" not in self.heads:
-            tok = self.processor.tokenizer
-            self.mask_id = mask_token_id(tok)
-            self.vocab_size = int(self.model.config.text_config.vocab_size)
-            self.special_ids = set(tok.all_special_ids)
-            self.heads["mlm"] = CrossModalMLM(width, self.vocab_size)
-        if self.text_augment is not None and not hasattr(self, "vocab_size"):
-            tok = self.processor.tokenizer
-            self.mask_id = mask_token_id(tok)
-            self.vocab_size = int(self.model.config.text_config.vocab_size)
-            self.special_ids = set(tok.all_special_ids)
+        """The identities' classes, the tokenizer's ids the text augmentations and MLM need, and the
+        method's training-only heads."""
+        self.pid_classes = sorted({int(p) for p in train.cap_pids})
+        self.class_of_pid = {pid: k for k, pid in enumerate(self.pid_classes)}
+        tok = self.processor.tokenizer
+        self.mask_id = mask_token_id(tok)
+        self.vocab_size = int(self.model.config.text_config.vocab_size)
+        self.special_ids = {int(i) for i in tok.all_special_ids}
+        self.heads = torch.nn.ModuleDict(self.method.build_heads(self, train))
         self.heads.to(self.device)
-        if cfg.id_loss_weight > 0:
-            index = {pid: k for k, pid in enumerate(self.pid_classes)}
-            self._class_lookup = index
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """Every process's rows of `x` (one process: `x`); see methods.base.Batch.gather."""
+        return x
 
     def _build_optimizer(self) -> None:
         groups = parameter_groups(self.model, self.heads, self.cfg)
@@ -303,99 +287,40 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------------------
     def _batch_loss(self, data: ClipData, idx: np.ndarray) -> tuple[torch.Tensor, dict]:
+        """The method's loss on the batch plus, with `local: rsm`, ROGLE's reliability-weighted
+        region–sentence branch on the pairs the augmentation kept, from the same vision forward."""
         cfg, dev = self.cfg, self.device
-        img_rows = data.cap_image_index[idx]
-        images = data.images_u8[img_rows]
-        pairs = (
-            [(k, p) for k, i in enumerate(idx) for p in data.local_pairs[i]] if cfg.local_weight > 0 else []
-        )
-        size_hw = tuple(data.images_u8.shape[2:])
-        boxes = np.stack([p.box_xyxy for _, p in pairs]).astype(np.float32) if pairs else np.zeros((0, 4))
-        generator = step_generator(cfg.seed, self.step)
-        logs: dict[str, float] = {}
-        if self.image_augment is not None:
-            images, boxes, keep = augment_batch(
-                images,
-                np.asarray([k for k, _ in pairs], dtype=np.int64),
-                boxes,
-                self.image_augment,
-                generator,
-                fill_u8=tuple(int(round(255 * float(m))) for m in self.mean.flatten()),
-            )
-            if pairs:
-                logs["local_pairs_kept_frac"] = float(np.mean(keep))
-            pairs = [pair for pair, ok in zip(pairs, keep, strict=True) if ok]
-            boxes = boxes[keep]
-        pix = to_pixel_values(images.to(dev), self.mean, self.std)
-        if pairs:
-            weights = torch.from_numpy(box_patch_weights(boxes, patch_grid_hw(self.model, size_hw), size_hw))
-            region_index = torch.tensor([k for k, _ in pairs], device=dev)
-        else:
-            weights = torch.zeros((0, 1))
-            region_index = torch.zeros(0, dtype=torch.long, device=dev)
-        image_feat, region_emb, image_tokens = vision_forward(
-            self.model, pix, region_index, weights.to(dev), token_features=cfg.mlm_weight > 0
-        )
-        transform = None
-        if self.text_augment is not None:
-
-            def transform(seqs):
-                return augment_tokens(
-                    seqs,
-                    self.text_augment,
-                    mask_id=self.mask_id,
-                    vocab_size=self.vocab_size,
-                    special_ids=self.special_ids,
-                    generator=generator,
+        batch = Batch(self, data, idx, step_generator(cfg.seed, self.step))
+        loss, logs = self.method.loss(batch)
+        if self.local_on:
+            region_emb = batch.vision(0).regions  # computes view 0, which drops the pairs cropped away
+            if batch.pairs:
+                ids, mask = pad_token_ids([p.token_ids for _, p in batch.pairs], self.pad_id, dev)
+                sent_emb = text_embeddings(self.model, ids, mask)
+                # Region identity = (image row, region id): two captions of one image share its regions.
+                key_ids: dict[tuple[int, int], int] = {}
+                keys = torch.tensor(
+                    [
+                        key_ids.setdefault((int(batch.img_rows[k]), p.region_id), len(key_ids))
+                        for k, p in batch.pairs
+                    ],
+                    device=dev,
                 )
-
-        text_feat = caption_features(self.model, data, idx, cfg.text_mode, self.pad_id, dev, transform)
-        scale = self.model.logit_scale.exp().clamp(max=100.0)
-        pids = torch.from_numpy(data.cap_pids[idx]).to(dev)
-        global_loss = GLOBAL_LOSSES[cfg.global_loss]
-        if cfg.global_loss == "sdm":
-            loss_global = global_loss(text_feat, image_feat, pids, scale, temperature=cfg.sdm_temperature)
-        else:
-            loss_global = global_loss(text_feat, image_feat, pids, scale)
-        logs["loss_global"] = float(loss_global.detach())
-        loss = loss_global
-        if cfg.id_loss_weight > 0:
-            classes = torch.tensor([self._class_lookup[int(p)] for p in data.cap_pids[idx]], device=dev)
-            classifier = self.heads["id"]
-            loss_id = id_loss(classifier(image_feat.float()), classifier(text_feat.float()), classes)
-            loss = loss + cfg.id_loss_weight * loss_id
-            logs["loss_id"] = float(loss_id.detach())
-        if cfg.mlm_weight > 0:
-            ids, mask = pad_token_ids([data.cap_tokens[i] for i in idx], self.pad_id, dev)
-            masked, labels = mask_tokens(
-                ids.cpu(),
-                mask.cpu(),
-                mask_id=self.mask_id,
-                vocab_size=self.vocab_size,
-                special_ids=self.special_ids,
-                generator=generator,
-            )
-            tokens = text_token_features(self.model, masked.to(dev), mask)[0]
-            scores = self.heads["mlm"](tokens, image_tokens, mask == 0)
-            loss_mlm = mlm_loss(scores.float(), labels.to(dev))
-            loss = loss + cfg.mlm_weight * loss_mlm
-            logs["loss_mlm"] = float(loss_mlm.detach())
-        if pairs:
-            ids, mask = pad_token_ids([p.token_ids for _, p in pairs], self.pad_id, dev)
-            sent_emb = text_embeddings(self.model, ids, mask)
-            # Region identity = (image row, region id): two captions of one image share its regions.
-            key_ids: dict[tuple[int, int], int] = {}
-            keys = torch.tensor(
-                [key_ids.setdefault((int(img_rows[k]), p.region_id), len(key_ids)) for k, p in pairs],
-                device=dev,
-            )
-            w = torch.tensor([p.weight for _, p in pairs], device=dev, dtype=sent_emb.dtype)
-            loss_local = local_alignment_loss(sent_emb, region_emb, keys, w, cfg.local_temperature)
-            loss = loss + cfg.local_weight * loss_local
-            logs["loss_local"] = float(loss_local.detach())
-            logs["local_pairs"] = len(pairs)
+                w = torch.tensor([p.weight for _, p in batch.pairs], device=dev, dtype=sent_emb.dtype)
+                loss_local = local_alignment_loss(
+                    batch.gather(sent_emb), batch.gather(region_emb), self._global_keys(batch, keys),
+                    batch.gather(w), cfg.local_temperature,
+                )  # fmt: skip
+                loss = loss + cfg.local_weight * loss_local
+                logs["loss_local"] = float(loss_local.detach())
+                logs["local_pairs"] = len(batch.pairs)
+        logs.update(batch.logs)
         logs["loss"] = float(loss.detach())
         return loss, logs
+
+    def _global_keys(self, batch, keys: torch.Tensor) -> torch.Tensor:
+        """Region keys that stay distinct across processes (one process: unchanged)."""
+        return batch.gather(keys)
 
     # --- the loop ---------------------------------------------------------------------------------
     def fit(

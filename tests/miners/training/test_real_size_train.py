@@ -67,6 +67,8 @@ def test_one_irra_b16_step_of_a_real_size_openai_checkpoint_through_train_rogle(
         str(ckpt / "ViT-B-16.pt"),
         "--preset",
         "irra-b16",
+        "--method",
+        "irra",
         "--epochs",
         "1",
         "--batch-size",
@@ -111,5 +113,5 @@ def test_one_irra_b16_step_of_a_real_size_openai_checkpoint_through_train_rogle(
     shown = [ln for ln in proc.stdout.splitlines() if ln.startswith(("convert_clip:", "epoch "))]
     print("\n" + "\n".join(shown))
     print(
-        f"real-size train_rogle --preset irra-b16 (random ViT-B/16 .pt, 384 x 128, CPU): {json.dumps(figures)}"
+        f"real-size train_rogle --method irra --preset irra-b16 (random ViT-B/16 .pt, 384 x 128, CPU): {json.dumps(figures)}"
     )

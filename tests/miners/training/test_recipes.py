@@ -21,11 +21,11 @@ from miners.training.trainer import lr_factor, parameter_groups
 def test_precedence_is_defaults_then_preset_then_file_then_flags(tmp_path):
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("lr: 3e-5\nepochs: 7\naugment: irra\n")  # YAML reads 3e-5 as a string
-    cfg, source = resolve_config("irra-b16", yaml_file, {"epochs": 2}, base={"local_weight": 0.5})
+    cfg, source = resolve_config("irra-b16", yaml_file, {"epochs": 2}, base={"local_weight": 0.4})
     assert cfg.lr == 3e-5 and isinstance(cfg.lr, float) and source["lr"] == f"config {yaml_file}"
     assert cfg.epochs == 2 and source["epochs"] == "flag"
     assert cfg.adam_eps == 1e-3 and source["adam_eps"] == "preset irra-b16"
-    assert cfg.local_weight == 0.5 and source["local_weight"] == "command default"
+    assert cfg.local_weight == 0.4 and source["local_weight"] == "command default"
     assert cfg.warmup_fraction == TrainConfig().warmup_fraction and "warmup_fraction" not in source
     json_file = tmp_path / "c.json"
     json_file.write_text(json.dumps({"global_loss": "cmpm", "id_loss_weight": 0.5}))
@@ -46,15 +46,24 @@ def test_a_config_file_with_unknown_fields_or_bad_values_is_refused_by_name(tmp_
         resolve_config(None, bad, {})
 
 
-def test_irra_b16_is_irras_published_recipe():
-    cfg, _ = resolve_config("irra-b16", None, {})
+def test_irra_b16_is_irras_published_recipe_and_method_irra_its_losses():
+    cfg, source = resolve_config("irra-b16", None, {"method": "irra"})
     expected = dict(
         optimizer="adam", lr=1e-5, adam_eps=1e-3, weight_decay=4e-5, bias_lr_factor=2.0, head_lr_factor=5.0,
         epochs=60, warmup_epochs=5.0, warmup_start_factor=0.1, schedule_per="epoch", batch_size=64,
-        global_loss="sdm", sdm_temperature=0.02, id_loss_weight=1.0, mlm_weight=1.0, augment="irra",
-        text_mode="truncate",
+        augment="irra", text_mode="truncate", max_grad_norm=0.0,
+        global_loss="sdm", sdm_temperature=0.02, id_loss_weight=1.0, mlm_weight=1.0, local="none",
     )  # fmt: skip
     assert {k: getattr(cfg, k) for k in expected} == expected
+    assert source["global_loss"] == "method irra" and source["optimizer"] == "preset irra-b16"
+    # the preset alone keeps the default method's losses (ROGLE with IRRA's optimizer and augmentation)
+    rogle, _ = resolve_config("irra-b16", None, {})
+    assert (rogle.method, rogle.global_loss, rogle.local, rogle.optimizer) == (
+        "rogle",
+        "identity-infonce",
+        "rsm",
+        "adam",
+    )
     # IRRA's schedule: epochs 0-4 warm up linearly from 0.1x, then a cosine to 0 at epoch 60, per epoch
     spe = 10
     factors = [lr_factor(cfg, e * spe, spe, 60 * spe) for e in range(60)]
@@ -219,7 +228,8 @@ def _objective_config(**overrides) -> TrainConfig:
     cfg, _ = resolve_config(
         "irra-b16",
         None,
-        {"epochs": 2, "batch_size": 6, "lr": 1e-4, "local_weight": 0.5, "text_augment": True, "device": "cpu"}
+        {"epochs": 2, "batch_size": 6, "lr": 1e-4, "text_augment": True, "device": "cpu"}
+        | {"method": "irra", "local": "rsm"}
         | overrides,
     )
     return cfg
