@@ -4,18 +4,20 @@
 2. `bench/rsm_quality.py` — pseudo-label precision / coverage / ECE on a held-out synthetic seed;
 3. `bench/content_reliability.py` — the QA content test per refine round, on the demo and a held-out seed;
 4. `bench/train_ablation.py` — ROGLE global vs global+local vs unweighted, clean and with injected noise;
-5. `bench/qa_scale.py` — the QA report on 1M generated pairs;
-6. `bench/audit.py` — the audit loop on the demo run: interval coverage over 100 seeded 300-label audits,
+5. `bench/methods.py` — every training method alone and with `--local rsm`, clean and under 30% injected
+   caption-unit noise (reliability on / off), 3 seeds, on a held-out synthetic seed → bench/methods.json;
+6. `bench/qa_scale.py` — the QA report on 1M generated pairs;
+7. `bench/audit.py` — the audit loop on the demo run: interval coverage over 100 seeded 300-label audits,
    interval width, held-out ECE of the refit calibrator;
-7. `bench/audit_ui.py` — the labelling page in headless Chromium: key press → next pair rendered (ms);
-8. `bench/speed.py` — speed and scale (speedup vs a naive loop, orchestration overhead, 2-worker scaling,
+8. `bench/audit_ui.py` — the labelling page in headless Chromium: key press → next pair rendered (ms);
+9. `bench/speed.py` — speed and scale (speedup vs a naive loop, orchestration overhead, 2-worker scaling,
    driver scale to 1M manifest rows, real-image scale, stage profile) → bench/results.json;
-9. `bench/eval_memory.py` — retrieval metrics at ICFG-PEDES size (19,848 x 19,848): peak memory and time;
-10. `bench/gpu.py` — SAM / CLIP throughput and FLOP/s fraction (real sizes on CUDA, tiny shapes on a CPU)
+10. `bench/eval_memory.py` — retrieval metrics at ICFG-PEDES size (19,848 x 19,848): peak memory and time;
+11. `bench/gpu.py` — SAM / CLIP throughput and FLOP/s fraction (real sizes on CUDA, tiny shapes on a CPU)
    → bench/gpu.json;
-11. `bench/train_gpu.py` — training steps/s, samples/s and peak memory at batch 64 and 128 (CLIP ViT-B/16
+12. `bench/train_gpu.py` — training steps/s, samples/s and peak memory at batch 64 and 128 (CLIP ViT-B/16
    at 384 x 128, `--preset irra-b16`, bf16 on CUDA; tiny shapes on a CPU) → bench/train_gpu.json;
-12. the real-size CPU path (pytest marker `realsize`): random-init CLIP ViT-B/16 and SAM vit_b in their
+13. the real-size CPU path (pytest marker `realsize`): random-init CLIP ViT-B/16 and SAM vit_b in their
    on-disk formats mined through the flow CLI → bench/realsize.json (seconds per image), and one training
    step of a random-init OpenAI-layout ViT-B/16 `.pt` with `--preset irra-b16` through `train_rogle`.
 """
@@ -42,6 +44,7 @@ STEPS = [
     ],
     [sys.executable, str(BENCH / "content_reliability.py"), "--demo", str(DEMO)],
     [sys.executable, str(BENCH / "train_ablation.py"), "--pairs", str(DEMO / "shards")],
+    [sys.executable, str(BENCH / "methods.py"), "--clip-model", str(DEMO / "models/tiny-clip")],
     [sys.executable, str(BENCH / "qa_scale.py")],
     [sys.executable, str(BENCH / "audit.py"), "--pairs", str(DEMO / "shards")],
     [

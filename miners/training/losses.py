@@ -150,3 +150,11 @@ def mlm_loss(scores: torch.Tensor, labels: torch.Tensor, ignore_index: int = -10
     # Dividing by max(count, 1) keeps the empty case finite without a host sync on the count
     count = (flat_labels != ignore_index).sum().clamp_min(1)
     return total / count
+
+
+def mlm_token_losses(scores: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    """The cross-entropy of each masked position (a vector, in the order of the positions): `mlm_loss` is
+    its mean. For several processes, whose masked tokens differ in number, gather these and average."""
+    flat_scores, flat_labels = scores.reshape(-1, scores.shape[-1]), labels.reshape(-1)
+    keep = flat_labels != ignore_index
+    return F.cross_entropy(flat_scores[keep], flat_labels[keep], reduction="none")

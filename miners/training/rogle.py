@@ -194,6 +194,25 @@ def claim_run_dir(out: Path | None, resume: bool, overwrite: bool) -> tuple[Path
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from miners.training.distributed import init_from_env, launched_by_torchrun, shutdown
+
+    if not launched_by_torchrun():
+        return _main(args, argv, None)
+    # torchrun: every process runs this command; rank 0 speaks for the run and writes its folder
+    dist_info = init_from_env(args.device or "auto")
+    stdout = sys.stdout
+    if not dist_info.is_main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (restored below)
+    try:
+        return _main(args, argv, dist_info)
+    finally:
+        if sys.stdout is not stdout:
+            sys.stdout.close()
+            sys.stdout = stdout
+        shutdown()
+
+
+def _main(args: argparse.Namespace, argv: list[str] | None, dist_info) -> int:
     try:
         cfg, sources = resolve_config(args.preset or "tiny", args.config, recipe_flags(args))
     except RecipeError as exc:
@@ -207,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     from miners.clip_scorer import load_clip
     from miners.run_config import read_committed_run
     from miners.training.data import build_clip_data
-    from miners.training.trainer import Trainer, TrainingInterrupted
+    from miners.training.distributed import process_device
     from storage.manifest import read_manifest
 
     problems = []
@@ -244,7 +263,16 @@ def main(argv: list[str] | None = None) -> int:
     if clip_problem:
         hint = "" if args.init else " (pass --init)"
         problems.append(f"{clip_problem}{hint}")
-    out, refused = (None, None) if problems else claim_run_dir(args.out, args.resume, args.overwrite)
+    main_process = dist_info is None or dist_info.is_main
+    out, refused = None, None
+    if not problems and main_process:  # rank 0 claims (or names) the folder; the others take its answer
+        out, refused = claim_run_dir(args.out, args.resume, args.overwrite)
+    if dist_info is not None:
+        import torch.distributed as torch_dist
+
+        shared = [problems, out, refused]
+        torch_dist.broadcast_object_list(shared, src=0)
+        problems, out, refused = shared
     if refused:
         problems.append(refused)
     if problems:  # every problem at once, before anything is written or removed
@@ -331,6 +359,15 @@ def main(argv: list[str] | None = None) -> int:
             shown = "; ".join(f"{iid}: {why}" for iid, why in list(images.items())[:5])
             more = f" (and {len(images) - 5} more, in run_args.json)" if len(images) > 5 else ""
             print(f"train_rogle: {len(images)} {split} image(s) skipped, unreadable: {shown}{more}")
+    if dist_info is not None:
+        cfg.device = process_device(dist_info, cfg.device)
+        per = cfg.batch_size // dist_info.world_size if cfg.batch_size % dist_info.world_size == 0 else None
+        print(
+            f"train_rogle: {dist_info.world_size} processes ({dist_info.backend}), global batch "
+            f"{cfg.batch_size}" + (f" = {dist_info.world_size} x {per} per process" if per else "")
+        )
+    if not main_process:  # only rank 0 writes the run folder
+        return _train(args, argv, cfg, model, processor, train, test, val, resuming, manifest_path, dist_info)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.out.parent.resolve() == DEFAULT_RUNS.resolve():
         point_latest(args.out)
@@ -355,7 +392,17 @@ def main(argv: list[str] | None = None) -> int:
             indent=2,
         )
     )
-    trainer = Trainer(model, processor, cfg, args.out)
+    return _train(args, argv, cfg, model, processor, train, test, val, resuming, manifest_path, dist_info)
+
+
+def _train(args, argv, cfg, model, processor, train, test, val, resuming, manifest_path, dist_info) -> int:
+    from miners.training.trainer import Trainer, TrainingInterrupted
+
+    try:
+        trainer = Trainer(model, processor, cfg, args.out, dist=dist_info)
+    except ValueError as exc:  # a global batch that does not split over the processes
+        print(f"error: {exc}")
+        return 2
     try:
         metrics = trainer.fit(train, test, resume=resuming, stop_on_signals=True, val=val)
     except ValueError as exc:  # a resume whose data no longer matches its checkpoint
@@ -363,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except TrainingInterrupted as exc:
         print(f"train_rogle: stopped by {exc}")
-        print(f"train_rogle: to resume: {resume_command(argv, args.out)}")
+        print(f"train_rogle: to resume: {resume_command(argv, args.out, dist_info)}")
         return 128 + exc.signum  # the shell's code for a process ended by that signal
     if metrics:
         print(metrics_line(metrics) + f"  → {args.out}")
@@ -451,13 +498,22 @@ def config_changes(saved_config: Path, cfg: TrainConfig) -> list[str]:
     ]
 
 
-def resume_command(argv: list[str] | None, out: Path) -> str:
-    """The command line that continues this run: the same arguments, --out RUN_DIR and --resume."""
+def resume_command(argv: list[str] | None, out: Path, dist_info=None) -> str:
+    """The command line that continues this run: the same arguments, --out RUN_DIR and --resume (under
+    torchrun, the torchrun launch with the same number of processes per node and nodes)."""
     words = list(sys.argv[1:] if argv is None else argv)
     words = [w for w in words if w not in ("--resume", "--overwrite")]
     if "--out" not in words:
         words += ["--out", str(out)]
-    return " ".join(shlex.quote(w) for w in ["python", "-m", "miners.train_rogle", *words, "--resume"])
+    launch = ["python", "-m", "miners.train_rogle"]
+    if dist_info is not None:
+        per_node = os.environ.get("LOCAL_WORLD_SIZE", str(dist_info.world_size))
+        nodes = max(1, dist_info.world_size // max(1, int(per_node)))
+        launch = ["torchrun", f"--nproc_per_node={per_node}"]
+        if nodes > 1:  # the rendezvous options of the original launch are not known here
+            launch += [f"--nnodes={nodes}", "<your --rdzv-* options>"]
+        launch += ["-m", "miners.train_rogle"]
+    return " ".join(shlex.quote(w) if not w.startswith("<") else w for w in [*launch, *words, "--resume"])
 
 
 def metrics_line(metrics: dict) -> str:

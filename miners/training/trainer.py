@@ -34,6 +34,7 @@ from miners.encoders import normalisation, pad_token_ids, pick_device, text_embe
 from miners.training.augment import IMAGE_AUGMENTS, TextAugment
 from miners.training.config import TrainConfig
 from miners.training.data import ClipData
+from miners.training.distributed import DistInfo, any_process, barrier, gather_rows
 from miners.training.evaluation import evaluate_global, evaluate_local
 from miners.training.heads import FAST_LR_NAME_PARTS, mask_token_id
 from miners.training.methods import build_method
@@ -137,10 +138,30 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 class Trainer:
     def __init__(
-        self, model, processor, cfg: TrainConfig, run_dir: str | Path, objective: Objective | None = None
+        self,
+        model,
+        processor,
+        cfg: TrainConfig,
+        run_dir: str | Path,
+        objective: Objective | None = None,
+        dist: DistInfo | None = None,
     ):
         self.model, self.processor, self.cfg = model, processor, cfg
         self.objective = objective
+        # Several processes (torchrun): each computes its share of every global batch, losses see the whole
+        # batch through `gather`, DistributedDataParallel averages the gradients; only rank 0 writes the run
+        # folder, logs and evaluates (miners.training.distributed)
+        self.dist = dist
+        self.rank, self.world_size = (dist.rank, dist.world_size) if dist else (0, 1)
+        self.is_main = self.rank == 0
+        if self.world_size > 1 and objective is not None:
+            raise ValueError("several processes train the caption methods only (not refine objectives)")
+        if cfg.batch_size % self.world_size:
+            raise ValueError(
+                f"batch size {cfg.batch_size} does not split over {self.world_size} processes: the global "
+                f"batch must be a multiple of the number of processes"
+            )
+        self._ddp = None
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # no "Writing model shards" bar at every checkpoint
@@ -188,7 +209,19 @@ class Trainer:
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """Every process's rows of `x` (one process: `x`); see methods.base.Batch.gather."""
-        return x
+        return gather_rows(x) if self.world_size > 1 else x
+
+    def _wrap_ddp(self) -> None:
+        """DistributedDataParallel around the step (CLIP + heads): it broadcasts rank 0's weights and
+        averages every gradient across processes. Parameters a method leaves unused in a step (the logit
+        scale under SDM, a head of another loss) are allowed."""
+        if self.world_size == 1 or self.objective is not None or self._ddp is not None:
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        step = _StepModule(self)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        self._ddp = DistributedDataParallel(step, device_ids=ids, find_unused_parameters=True)
 
     def _build_optimizer(self) -> None:
         groups = parameter_groups(self.model, self.heads, self.cfg)
@@ -212,11 +245,26 @@ class Trainer:
         )
 
     def save_checkpoint(self) -> Path:
+        """Rank 0 writes RUN_DIR/checkpoint (every process holds the same weights and optimizer state);
+        the others wait until it is complete."""
         self._saving = True
         try:
-            return self._save_checkpoint()
+            if self.is_main:
+                self._save_checkpoint()
+            barrier()
+            return self.run_dir / "checkpoint"
         finally:
             self._saving = False
+
+    def _stop_requested(self) -> bool:
+        """A SIGINT/SIGTERM reached this process, or (several processes) any of them: all stop together at
+        the same step, so that the checkpoint holds one consistent state."""
+        if self.world_size == 1:
+            return self.stop_signal is not None
+        stop = any_process(self.stop_signal is not None, self.device)
+        if stop and self.stop_signal is None:
+            self.stop_signal = signal.SIGTERM  # another process's signal: stop as it does
+        return stop
 
     def _save_checkpoint(self) -> Path:
         ckpt = self.run_dir / "checkpoint"
@@ -294,21 +342,23 @@ class Trainer:
         loss, logs = self.method.loss(batch)
         if self.local_on:
             region_emb = batch.vision(0).regions  # computes view 0, which drops the pairs cropped away
-            if batch.pairs:
-                ids, mask = pad_token_ids([p.token_ids for _, p in batch.pairs], self.pad_id, dev)
-                sent_emb = text_embeddings(self.model, ids, mask)
-                # Region identity = (image row, region id): two captions of one image share its regions.
-                key_ids: dict[tuple[int, int], int] = {}
+            # every process joins the gathers, even one whose share has no pair this step
+            if batch.pairs or self.world_size > 1:
+                if batch.pairs:
+                    ids, mask = pad_token_ids([p.token_ids for _, p in batch.pairs], self.pad_id, dev)
+                    sent_emb = text_embeddings(self.model, ids, mask)
+                else:  # this process's share has no pair this step; the others' still count
+                    sent_emb = region_emb.new_zeros((0, region_emb.shape[1]))
+                # Region identity = (image row, region id): two captions of one image share its regions; the
+                # image row indexes the whole training set, so keys from different processes never collide
                 keys = torch.tensor(
-                    [
-                        key_ids.setdefault((int(batch.img_rows[k]), p.region_id), len(key_ids))
-                        for k, p in batch.pairs
-                    ],
+                    [int(batch.img_rows[k]) * REGION_KEY_STRIDE + p.region_id for k, p in batch.pairs],
                     device=dev,
+                    dtype=torch.long,
                 )
                 w = torch.tensor([p.weight for _, p in batch.pairs], device=dev, dtype=sent_emb.dtype)
                 loss_local = local_alignment_loss(
-                    batch.gather(sent_emb), batch.gather(region_emb), self._global_keys(batch, keys),
+                    batch.gather(sent_emb), batch.gather(region_emb), batch.gather(keys),
                     batch.gather(w), cfg.local_temperature,
                 )  # fmt: skip
                 loss = loss + cfg.local_weight * loss_local
@@ -317,10 +367,6 @@ class Trainer:
         logs.update(batch.logs)
         logs["loss"] = float(loss.detach())
         return loss, logs
-
-    def _global_keys(self, batch, keys: torch.Tensor) -> torch.Tensor:
-        """Region keys that stay distinct across processes (one process: unchanged)."""
-        return batch.gather(keys)
 
     # --- the loop ---------------------------------------------------------------------------------
     def fit(
@@ -339,8 +385,10 @@ class Trainer:
         cfg = self.cfg
         if len(train) == 0:
             raise ValueError("no training captions (check the manifest's train split and image errors)")
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
+        main = self.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=2, sort_keys=True))
         steps_per_epoch = len(self._epoch_batches(train, 0))
         self._steps_per_epoch = steps_per_epoch
         self.stop_signal = None
@@ -357,18 +405,24 @@ class Trainer:
         self._build_optimizer()
         if resuming:  # the heads' weights and the RNG states come from the checkpoint
             self.load_state(ckpt, total_steps)
-            # A process killed after its last checkpoint (SIGKILL, OOM) logged past it: those records go,
-            # the resumed run writes them again
-            _keep_records(history_path, lambda r: r.get("epoch", 0) <= self.epoch, jsonl=True)
-            _keep_records(self.run_dir / STEPS_CSV, lambda r: int(r["step"]) <= self.step, jsonl=False)
+            if main:
+                # A process killed after its last checkpoint (SIGKILL, OOM) logged past it: those records go,
+                # the resumed run writes them again
+                _keep_records(history_path, lambda r: r.get("epoch", 0) <= self.epoch, jsonl=True)
+                _keep_records(self.run_dir / STEPS_CSV, lambda r: int(r["step"]) <= self.step, jsonl=False)
         else:
             self.scheduler = self._make_scheduler(total_steps)
-            history_path.write_text("")
-            (self.run_dir / STEPS_CSV).unlink(missing_ok=True)
-            shutil.rmtree(self.run_dir / BEST_CHECKPOINT, ignore_errors=True)
             self.best = None
-        writer = tensorboard_writer(self.run_dir) if cfg.tensorboard else None
-        self._step_log = StepLog(self.run_dir / STEPS_CSV, cfg.log_every_steps, self.device, writer)
+            if main:
+                history_path.write_text("")
+                (self.run_dir / STEPS_CSV).unlink(missing_ok=True)
+                shutil.rmtree(self.run_dir / BEST_CHECKPOINT, ignore_errors=True)
+        self._wrap_ddp()
+        barrier()  # every process starts once rank 0 has prepared the folder
+        writer = tensorboard_writer(self.run_dir) if cfg.tensorboard and main else None
+        self._step_log = StepLog(
+            self.run_dir / STEPS_CSV, cfg.log_every_steps if main else 0, self.device, writer
+        )
         use_amp = cfg.amp and self.device.type == "cuda"
         last_epoch = cfg.epochs if stop_after is None else min(cfg.epochs, self.epoch + stop_after)
         try:
@@ -377,9 +431,12 @@ class Trainer:
         finally:
             if writer is not None:
                 writer.close()
-        metrics = self._reported_metrics(history_path, test, val)
-        (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        plot_curves(history_path, self.run_dir / "curves.png")
+        metrics: dict = {}
+        if main:
+            metrics = self._reported_metrics(history_path, test, val)
+            (self.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+            plot_curves(history_path, self.run_dir / "curves.png")
+        barrier()
         return metrics
 
     def _reported_metrics(self, history_path: Path, test, val) -> dict:
@@ -460,7 +517,7 @@ class Trainer:
                 for k, v in logs.items():
                     sums[k] = sums.get(k, 0.0) + v
                 bar.set_postfix(loss=f"{logs['loss']:.3f}")
-                if self.stop_signal is not None:
+                if self._stop_requested():
                     bar.close()
                     where = f"at epoch {self.epoch + 1}, step {self.step}"
                     raise TrainingInterrupted(self.save_checkpoint(), self.stop_signal, where)
@@ -469,7 +526,8 @@ class Trainer:
             record = {k: v / steps_per_epoch for k, v in sums.items()}
             record.update(epoch=self.epoch, step=self.step, epoch_seconds=time.perf_counter() - t0)
             new_best = False
-            if self.epoch % cfg.eval_every_epochs == 0 or self.epoch == cfg.epochs:
+            # Rank 0 evaluates, logs and saves; the other processes wait for it at the checkpoint's barrier
+            if self.is_main and (self.epoch % cfg.eval_every_epochs == 0 or self.epoch == cfg.epochs):
                 if val is not None:
                     record["val"] = self.evaluate(val)
                     if self.best is None or record["val"]["R1"] > self.best["R1"]:
@@ -481,14 +539,15 @@ class Trainer:
                         new_best = True
                 if test is not None:
                     record["eval"] = self.evaluate(test)
-            with history_path.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            self._step_log.after_epoch(record)
-            print(epoch_line(record, cfg.epochs), flush=True)
+            if self.is_main:
+                with history_path.open("a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                self._step_log.after_epoch(record)
+                print(epoch_line(record, cfg.epochs), flush=True)
             if new_best:  # before the checkpoint: a crash between the two re-evaluates this epoch on resume
                 self._save_best()
             self.save_checkpoint()
-            if self.stop_signal is not None and self.epoch < last_epoch:  # came during evaluation or save
+            if self._stop_requested() and self.epoch < last_epoch:  # came during evaluation or save
                 where = f"after epoch {self.epoch}, step {self.step}"
                 raise TrainingInterrupted(self.run_dir / "checkpoint", self.stop_signal, where)
 
@@ -498,9 +557,14 @@ class Trainer:
         """One optimizer step on batch `idx` (forward under bf16 autocast on CUDA, backward, clipping, the
         optimizer and the schedule): (the step's logs, the gradient norm before clipping)."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_amp):
-            loss, logs = (
-                self.objective.loss(self, train, idx) if self.objective else self._batch_loss(train, idx)
-            )
+            if self._ddp is not None:  # through DDP's forward, so that its backward averages the gradients
+                self._ddp.module.pending = (train, idx)
+                loss = self._ddp()
+                logs = self._ddp.module.logs
+            elif self.objective:
+                loss, logs = self.objective.loss(self, train, idx)
+            else:
+                loss, logs = self._batch_loss(train, idx)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
@@ -517,6 +581,7 @@ class Trainer:
             self._build_heads(train)
         self._build_optimizer()
         self.scheduler = self._make_scheduler(total_steps)
+        self._wrap_ddp()
 
     def _epoch_batches(self, train, epoch: int) -> list[np.ndarray]:
         """The epoch's batches; they depend only on (seed, epoch), so a resumed run sees the same ones."""
@@ -534,6 +599,27 @@ class Trainer:
         out.update(evaluate_local(self.model, test, self.processor))
         return out
 
+
+class _StepModule(torch.nn.Module):
+    """The CLIP and the heads as one module whose forward is the trainer's batch loss: what
+    DistributedDataParallel wraps, so that its hooks see every parameter the step uses. The batch is handed
+    over through `pending` (a forward argument would be copied to the device whole)."""
+
+    def __init__(self, trainer: Trainer):
+        super().__init__()
+        self.trainer = [trainer]  # a list: not a submodule
+        self.model, self.heads = trainer.model, trainer.heads
+        self.pending: tuple | None = None
+        self.logs: dict = {}
+
+    def forward(self) -> torch.Tensor:
+        data, idx = self.pending
+        loss, self.logs = self.trainer[0]._batch_loss(data, idx)
+        return loss
+
+
+# Region keys of the local branch: image row x stride + region id (region ids of one image stay far below)
+REGION_KEY_STRIDE = 1 << 20
 
 HEADS_FILE = "heads.pt"  # training-only modules beside a checkpoint's CLIP folder (the miner ignores it)
 BEST_CHECKPOINT = "checkpoint-best"

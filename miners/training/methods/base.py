@@ -29,11 +29,13 @@ from miners.encoders import (
     box_patch_weights,
     pad_token_ids,
     patch_grid_hw,
+    text_embeddings,
     text_token_features,
     to_pixel_values,
 )
 from miners.training.augment import augment_batch, augment_tokens
 from miners.training.data import ClipData, LocalPair
+from miners.training.heads import mask_tokens
 
 
 @dataclass
@@ -53,27 +55,51 @@ class TextOut:
 
 
 class Batch:
-    """One training step's inputs and shared forwards (see the module docstring)."""
+    """One training step's inputs and shared forwards (see the module docstring).
+
+    Under torchrun every process gets the same global batch `idx_all` and computes on its own contiguous
+    share `idx` (rows [rank * B/N, (rank + 1) * B/N)). Random draws (augmentations, token masks) are made
+    for the whole global batch with the step's generator and then cut to the share, so N processes draw
+    what one process would. Every tensor a Batch returns holds this process's rows; `gather` makes them
+    the global batch's."""
 
     def __init__(self, trainer, data: ClipData, idx: np.ndarray, generator: torch.Generator):
-        self.trainer, self.data, self.idx, self.generator = trainer, data, idx, generator
+        self.trainer, self.data, self.generator = trainer, data, generator
         self.cfg, self.device, self.model = trainer.cfg, trainer.device, trainer.model
-        self.img_rows = data.cap_image_index[idx]
-        self.pids = torch.from_numpy(data.cap_pids[idx]).to(self.device)
+        self.idx_all = idx
+        world, rank = trainer.world_size, trainer.rank
+        if len(idx) % world:
+            raise ValueError(f"a batch of {len(idx)} does not split over {world} processes")
+        share = len(idx) // world
+        self.lo, self.hi = rank * share, (rank + 1) * share
+        self.idx = idx[self.lo : self.hi]
+        self.img_rows = data.cap_image_index[self.idx]
+        self.pids = torch.from_numpy(data.cap_pids[self.idx]).to(self.device)
         lookup = trainer.class_of_pid
-        self.classes = torch.tensor([lookup[int(p)] for p in data.cap_pids[idx]], device=self.device)
+        self.classes = torch.tensor([lookup[int(p)] for p in data.cap_pids[self.idx]], device=self.device)
         self.num_classes = len(lookup)
         self.logs: dict[str, float] = {}
         self.logit_scale = trainer.model.logit_scale.exp().clamp(max=100.0)
-        # ROGLE's local pairs of view 0, as (row in the batch, pair); the image augmentation drops a pair
-        # whose box it crops or erases away, for this step only
-        self.pairs: list[tuple[int, LocalPair]] = (
+        # ROGLE's local pairs of view 0 over the global batch, as (row in the global batch, pair); the image
+        # augmentation drops a pair whose box it crops or erases away, for this step only
+        self._pairs_all: list[tuple[int, LocalPair]] = (
             [(k, p) for k, i in enumerate(idx) for p in data.local_pairs[i]] if trainer.local_on else []
         )
         self._pixels: dict[int, torch.Tensor] = {}
         self._vision: dict[int, VisionOut] = {}
-        self._boxes = np.zeros((0, 4), dtype=np.float32)
+        self._boxes_all = np.zeros((0, 4), dtype=np.float32)
         self._text: TextOut | None = None
+        self._view0_done = False
+
+    @property
+    def pairs(self) -> list[tuple[int, LocalPair]]:
+        """This process's local pairs kept by view 0's augmentation, as (row in `idx`, pair)."""
+        self.pixels(0)
+        return [(k - self.lo, p) for k, p in self._pairs_all if self.lo <= k < self.hi]
+
+    def _local_boxes(self) -> np.ndarray:
+        rows = np.asarray([k for k, _ in self._pairs_all], dtype=np.int64)
+        return self._boxes_all[(rows >= self.lo) & (rows < self.hi)]
 
     # --- images ---------------------------------------------------------------------------------
     def pixels(self, view: int = 0) -> torch.Tensor:
@@ -81,10 +107,10 @@ class Batch:
         follow; k >= 1: another independent draw of the run's augmentation, e.g. IVT's view per level)."""
         if view not in self._pixels:
             trainer = self.trainer
-            images = self.data.images_u8[self.img_rows]
+            images = self.data.images_u8[self.data.cap_image_index[self.idx_all]]
+            pairs = self._pairs_all if view == 0 else []
+            boxes = np.stack([p.box_xyxy for _, p in pairs]).astype(np.float32) if pairs else None
             if trainer.image_augment is not None:
-                pairs = self.pairs if view == 0 else []
-                boxes = np.stack([p.box_xyxy for _, p in pairs]).astype(np.float32) if pairs else None
                 gen = self.generator if view == 0 else _view_generator(self.cfg.seed, trainer.step, view)
                 images, boxes_out, keep = augment_batch(
                     images,
@@ -97,25 +123,28 @@ class Batch:
                 if view == 0:
                     if pairs:
                         self.logs["local_pairs_kept_frac"] = float(np.mean(keep))
-                    self.pairs = [pair for pair, ok in zip(pairs, keep, strict=True) if ok]
-                    self._boxes = boxes_out[keep]
-            elif view == 0 and self.pairs:
-                self._boxes = np.stack([p.box_xyxy for _, p in self.pairs]).astype(np.float32)
-            self._pixels[view] = to_pixel_values(images.to(self.device), trainer.mean, trainer.std)
+                    self._pairs_all = [pair for pair, ok in zip(pairs, keep, strict=True) if ok]
+                    self._boxes_all = boxes_out[keep]
+            elif view == 0 and boxes is not None:
+                self._boxes_all = boxes
+            local = images[self.lo : self.hi]
+            self._pixels[view] = to_pixel_values(local.to(self.device), trainer.mean, trainer.std)
         return self._pixels[view]
 
     def vision(self, view: int = 0) -> VisionOut:
-        """The vision forward of `view`, once per step (a method and the local branch share it)."""
+        """The vision forward of `view` on this process's rows, once per step (a method and the local
+        branch share it)."""
         if view not in self._vision:
             pix = self.pixels(view)
             model = self.model
             hidden = model.vision_model(pixel_values=pix, interpolate_pos_encoding=True).last_hidden_state
             tokens = model.visual_projection(model.vision_model.post_layernorm(hidden))
             regions = tokens.new_zeros((0, tokens.shape[-1]))
-            if view == 0 and self.pairs:
+            pairs = self.pairs if view == 0 else []
+            if pairs:
                 size_hw = tuple(self.data.images_u8.shape[2:])
-                weights = box_patch_weights(self._boxes, patch_grid_hw(model, size_hw), size_hw)
-                rows = torch.tensor([k for k, _ in self.pairs], device=self.device)
+                weights = box_patch_weights(self._local_boxes(), patch_grid_hw(model, size_hw), size_hw)
+                rows = torch.tensor([k for k, _ in pairs], device=self.device)
                 patches = hidden[rows, 1:]
                 pooled = torch.einsum("rp,rpd->rd", torch.from_numpy(weights).to(patches), patches)
                 regions = torch.nn.functional.normalize(
@@ -126,7 +155,8 @@ class Batch:
 
     # --- text -----------------------------------------------------------------------------------
     def augment_text(self, seqs: list[list[int]]) -> list[list[int]]:
-        """`--text-augment` applied to token lists (unchanged without it)."""
+        """`--text-augment` applied to token lists (unchanged without it). Draws from the step's
+        generator: call it on the global batch's lists (see `text`) for draws independent of the share."""
         trainer = self.trainer
         if trainer.text_augment is None:
             return seqs
@@ -140,31 +170,59 @@ class Batch:
         )
 
     def text(self) -> TextOut:
-        """The captions' global features under the run's text mode, with the text augmentation."""
+        """This process's captions' global features under the run's text mode, text augmentation drawn
+        over the global batch."""
         if self._text is None:
-            from miners.training.evaluation import caption_features
-
+            trainer = self.trainer
             if self.cfg.text_mode == "truncate":
-                seqs = self.augment_text([self.data.cap_tokens[i] for i in self.idx])
-                ids, mask = pad_token_ids(seqs, self.trainer.pad_id, self.device)
+                seqs = self.augment_text([self.data.cap_tokens[i] for i in self.idx_all])
+                ids, mask = pad_token_ids(seqs, trainer.pad_id, self.device)
+                ids, mask = ids[self.lo : self.hi], mask[self.lo : self.hi]
                 tokens, pooled = text_token_features(self.model, ids, mask)
                 self._text = TextOut(pooled, tokens, ids, mask)
-            else:
-                pooled = caption_features(
-                    self.model,
-                    self.data,
-                    self.idx,
-                    self.cfg.text_mode,
-                    self.trainer.pad_id,
-                    self.device,
-                    self.augment_text if self.trainer.text_augment is not None else None,
-                )
+            elif self.cfg.text_mode == "sentence-pool":
+                flat, owner = [], []
+                for k, i in enumerate(self.idx_all):
+                    flat.extend(self.data.cap_sentence_tokens[i])
+                    owner.extend([k] * len(self.data.cap_sentence_tokens[i]))
+                flat = self.augment_text(flat)
+                mine = [j for j, k in enumerate(owner) if self.lo <= k < self.hi]
+                ids, mask = pad_token_ids([flat[j] for j in mine], trainer.pad_id, self.device)
+                sent = text_embeddings(self.model, ids, mask)
+                rows = torch.tensor([owner[j] - self.lo for j in mine], device=sent.device)
+                pooled = torch.zeros((len(self.idx), sent.shape[1]), device=sent.device, dtype=sent.dtype)
+                pooled.index_add_(0, rows, sent)  # sum of unit vectors: its L2 normalisation is their mean's
                 self._text = TextOut(pooled, None, None, None)
+            else:
+                raise ValueError(
+                    f"unknown text_mode {self.cfg.text_mode!r}: use 'truncate' or 'sentence-pool'"
+                )
         return self._text
 
     def caption_token_ids(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids, mask) of the whole captions, truncated to the context (no augmentation): MLM's input."""
-        return pad_token_ids([self.data.cap_tokens[i] for i in self.idx], self.trainer.pad_id, self.device)
+        """(ids, mask) of this process's whole captions, truncated to the context, padded to the global
+        batch's longest (no augmentation)."""
+        ids, mask = pad_token_ids(
+            [self.data.cap_tokens[i] for i in self.idx_all], self.trainer.pad_id, self.device
+        )
+        return ids[self.lo : self.hi], mask[self.lo : self.hi]
+
+    def mask_captions(self, prob: float = 0.15) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """IRRA's token masking (heads.mask_tokens) drawn over the global batch's captions: (masked ids,
+        labels (-100 where not masked), attention mask), this process's rows, on the device."""
+        trainer = self.trainer
+        ids, mask = pad_token_ids([self.data.cap_tokens[i] for i in self.idx_all], trainer.pad_id)
+        masked, labels = mask_tokens(
+            ids,
+            mask,
+            mask_id=trainer.mask_id,
+            vocab_size=trainer.vocab_size,
+            special_ids=trainer.special_ids,
+            generator=self.generator,
+            prob=prob,
+        )
+        cut = slice(self.lo, self.hi)
+        return masked[cut].to(self.device), labels[cut].to(self.device), mask[cut].to(self.device)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N x T x E token features, N x E pooled EOS feature), unnormalised, for any token ids."""
@@ -172,9 +230,15 @@ class Batch:
 
     # --- distribution ------------------------------------------------------------------------------
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """Every rank's rows of `x` in rank order, with gradients (one process: `x` itself). Apply it to
+        """Every process's rows of `x` in rank order, with gradients (one process: `x` itself). Apply it to
         features, pids and classes alike before a loss that compares rows across the batch."""
         return self.trainer.gather(x)
+
+    def mean(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean of per-item loss values over the global batch (e.g. MLM's masked tokens, which differ
+        in number per process): a per-process mean would weigh the processes' items unequally."""
+        values = self.gather(values)
+        return values.mean() if values.numel() else values.sum()
 
 
 def _view_generator(seed: int, step: int, view: int) -> torch.Generator:

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from miners.training.heads import CrossModalMLM, IdentityClassifier, mask_tokens
-from miners.training.losses import GLOBAL_LOSSES, id_loss, mlm_loss
+from miners.training.heads import CrossModalMLM, IdentityClassifier
+from miners.training.losses import GLOBAL_LOSSES, id_loss, mlm_token_losses
 from miners.training.methods.base import Batch, Method
 
 
@@ -62,20 +62,13 @@ def global_loss(batch: Batch, text_feat: torch.Tensor, image_feat: torch.Tensor)
     return fn(*args)
 
 
-def irra_mlm_loss(batch: Batch, image_tokens: torch.Tensor, head: str = "mlm") -> torch.Tensor:
-    """IRRA's implicit relation reasoning: the caption with 15% of its words masked (80/10/10) through the
-    CLIP text tower, its tokens attending to the image's tokens in the fusion head, predicting the masked
-    words. Per caption: needs no gathering."""
-    trainer = batch.trainer
-    ids, mask = batch.caption_token_ids()
-    masked, labels = mask_tokens(
-        ids.cpu(),
-        mask.cpu(),
-        mask_id=trainer.mask_id,
-        vocab_size=trainer.vocab_size,
-        special_ids=trainer.special_ids,
-        generator=batch.generator,
-    )
-    tokens = batch.encode_text(masked.to(batch.device), mask)[0]
-    scores = trainer.heads[head](tokens, image_tokens, mask == 0)
-    return mlm_loss(scores.float(), labels.to(batch.device))
+def irra_mlm_loss(
+    batch: Batch, image_tokens: torch.Tensor, head: str = "mlm", prob: float = 0.15
+) -> torch.Tensor:
+    """IRRA's implicit relation reasoning: the caption with `prob` of its words masked (80/10/10) through
+    the CLIP text tower, its tokens attending to the image's tokens in the fusion head `head`, predicting
+    the masked words; the mean over the global batch's masked tokens."""
+    masked, labels, mask = batch.mask_captions(prob)
+    tokens = batch.encode_text(masked, mask)[0]
+    scores = batch.trainer.heads[head](tokens, image_tokens, mask == 0)
+    return batch.mean(mlm_token_losses(scores.float(), labels))
