@@ -82,6 +82,7 @@ def _summary_blocks(qa: dict) -> list[Block]:
             if qa.get("verdict")
             else []
         ),
+        *_domain_blocks(qa),
         ("h", 2, "Noise"),
         (
             "table",
@@ -275,6 +276,21 @@ def _figure_blocks(qa: dict) -> list[Block]:
             caption = f"{band} band {sheet['range']}: {sheet['shown']} of {sheet['in_band']} pairs"
             blocks.append(("img", sheet["file"], caption))
     return blocks
+
+
+def _domain_blocks(qa: dict) -> list[Block]:
+    """Does the calibrator apply here (qa.domain), and the captions' vocabulary coverage."""
+    domain = ((qa.get("verdict") or {}).get("calibrator") or {}).get("domain") or {}
+    rows = [[name, c["status"].upper(), c["why"]] for name, c in (domain.get("checks") or {}).items()]
+    vocab = qa.get("vocabulary")
+    if vocab and "vocabulary" not in (domain.get("checks") or {}):
+        rows.append(["vocabulary", vocab["status"].upper(), vocab["why"]])
+    if not rows:
+        return []
+    return [
+        ("p", "Does the calibrator apply to this run's data? (qa.domain)"),
+        ("table", ["check", "", "why"], rows),
+    ]
 
 
 def summary_markdown(qa: dict) -> str:
