@@ -106,8 +106,14 @@ def verdict(qa: dict[str, Any], calibrator: dict[str, Any] | None) -> dict[str, 
         why = (
             f"No ground truth; trust the audit: {kept['n_labels']} labelled pairs put the noise of kept pairs at "
             f"{kept['estimate']:.3f} (95% interval {kept['ci_low']:.3f}–{kept['ci_high']:.3f}). The label-free "
-            f"mean(1 − reliability) reads {_fmt(qa.get('noise_rate_estimated'))}; the audit's refit calibrator "
-            f"({audit.get('calibrator')}) makes it calibrated for this data when the run is mined again with it."
+            f"mean(1 − reliability) reads {_fmt(qa.get('noise_rate_estimated'))}; "
+            + (
+                f"the audit's refit calibrator ({audit['calibrator']}) makes it calibrated for this data when "
+                "the run is mined again with it (its figures on this run are then in-sample)."
+                if audit.get("calibrator")
+                else "the audit had too few labels of one kind for a calibrator refit (audit.json says how many "
+                "more)."
+            )
         )
         return {"trust": "audit.noise_rate_kept", "why": why, "calibrator": calibrator}
     if calibrator and calibrator["calibrated"]:
