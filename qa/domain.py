@@ -37,7 +37,11 @@ from miners.calibration import Calibrator, feature_matrix, sigmoid
 from miners.matching import UnitMatches
 from storage.schemas import BODY_PARTS
 
-ALPHA = 0.001  # the two-sample test fails below this p-value
+ALPHA = 0.001  # the two-sample test fails below this p-value ...
+# ... and at or above this held-out AUC: with thousands of pairs a test finds any difference, and the demo's
+# own fresh run differs from its calibrator's fitting data by AUC 0.54 (the calibrator applies there), while
+# people drawn in another style reach 0.65 (tests/qa/test_domain.py). The project's own choice.
+AUC_MAX = 0.6
 MAX_ROWS = 5000  # this run's pairs in the two-sample test (drawn with a fixed seed)
 MIN_ROWS = 50
 CLASSIFIER_L2 = 1e-2
@@ -111,6 +115,7 @@ def two_sample_test(
     alpha: float = ALPHA,
     max_rows: int = MAX_ROWS,
     seed: int = 0,
+    auc_max: float = AUC_MAX,
 ) -> dict[str, Any]:
     """Are this run's calibrator features drawn like the fitting data's (up to the share of wrong pairs)?"""
     ref = cal.reference
@@ -143,7 +148,7 @@ def two_sample_test(
     # Which features differ most, to say where to look (the test itself is on the joint distribution)
     diff = np.abs(run_z.mean(0) - np.average(ref_z, axis=0, weights=w))
     top = [f"{cal.features[i]} ({diff[i]:.2f} sd)" for i in np.argsort(-diff)[:3]]
-    ok = p >= alpha
+    ok = p >= alpha or auc < auc_max
     test = f"a classifier tells them apart with held-out AUC {auc:.3f} on {len(pick)}+{len(ref_x)} pairs, p = {p:.2g}"
     return {
         "status": "pass" if ok else "fail",
@@ -154,9 +159,10 @@ def two_sample_test(
         "correct_share_reference": round(share_ref, 3),
         "why": (
             f"the joint distribution of the calibrator's {len(cal.features)} features here is consistent with "
-            f"its fitting data ({test} ≥ {alpha})"
+            f"its fitting data ({test}: " + (f"≥ {alpha})" if p >= alpha else f"AUC below {auc_max})")
             if ok
-            else f"this run's pairs are not drawn like the calibrator's fitting data ({test} < {alpha}; "
+            else f"this run's pairs are not drawn like the calibrator's fitting data ({test} < {alpha}, AUC ≥ "
+            f"{auc_max}; "
             f"furthest apart: {', '.join(top)})"
         ),
     }
