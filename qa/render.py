@@ -65,6 +65,8 @@ def _label(qa: dict, key: str, label: str) -> str:
     if key != "noise_rate_mixture":
         return label
     check = qa.get("mixture_check") or {}
+    if check.get("status") == "not_converged":
+        return f"{label} — n/a: {check['why']}"
     return label + MIXTURE_MARKS.get(check.get("status"), "")
 
 
@@ -230,6 +232,7 @@ def _injection_rows(inj: dict) -> list[list[str]]:
         ("mixture_noise_clean", "mixture noise, all pairs, clean"),
         ("mixture_noise_mixed", "mixture noise, all pairs, mixed"),
         ("mixture_recovered_rate", "mixture recovered rate"),
+        ("mixture_why_na", "mixture figures n/a because"),
         ("auroc_clean_vs_injected", "AUROC of reliability, clean vs injected"),
         ("auroc_tagged_clean_vs_injected", "AUROC, clean units naming a part vs injected"),
         ("true_noise_rise", "true noise rise (all pairs; injected pairs counted wrong)"),

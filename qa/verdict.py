@@ -174,6 +174,8 @@ def mixture_check(qa: dict[str, Any]) -> dict[str, Any]:
     `unverified` when there is nothing to check it against (the report then marks it a hint)."""
     mix = qa.get("noise_rate_mixture")
     kept = (qa.get("audit") or {}).get("noise_rate_kept") or {}
+    if qa.get("noise_rate_mixture_why_na"):
+        return {"status": "not_converged", "why": qa["noise_rate_mixture_why_na"] + ": no figure"}
     if mix is None:
         return {"status": "unavailable", "why": "no mixture was fitted"}
     if qa.get("noise_rate_true") is not None:
