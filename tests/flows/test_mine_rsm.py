@@ -213,8 +213,9 @@ def test_the_cli_rerun_of_a_finished_run_says_so_in_plain_figures(reference, par
 def test_changed_config_is_refused_with_a_clear_message(reference, params, capsys):
     out, _ = reference
     before = snapshot(out)
-    with pytest.raises(RunConflictError, match=r"CONFIG changed \(keys \['rsm.crop_mode'\]\)"):
-        mine_rsm(out=str(out), **params, crop_mode="mask")
+    # The flow (a deployment's run) refuses in its preflight, before any task, naming old and new value
+    state = mine_rsm(out=str(out), **params, crop_mode="mask", return_state=True)
+    assert state.is_failed() and "rsm.crop_mode 'box' -> 'mask'" in state.message
     argv = ["--manifest", params["manifest"], "--out", str(out), "--clip-model", params["clip_model"]]
     rc = main([*argv, "--shard-size", str(SHARD_SIZE), "--match-mode", "clip", "--no-prefect"])
     err = capsys.readouterr().err
