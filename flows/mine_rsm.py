@@ -62,6 +62,7 @@ from flows.reporting import (
     publish_qa_artifacts,
     qa_headline,
     summarize,
+    vocabulary_line,
 )
 from flows.startup import CLOCK, StartupError, TemporaryPrefectServer, prefect_api_url
 from miners.run_config import run_config_for
@@ -77,6 +78,10 @@ from storage.shards import (
     load_run_plan,
     pending_shards,
 )
+
+# Progress lines of a command's phases: shown with --no-prefect (main configures INFO logging); a flow
+# run's own logger carries the per-shard lines there
+_LOG = logging.getLogger("mine-rsm")
 
 
 class ShardsFailedError(RuntimeError):
@@ -148,6 +153,10 @@ def mine_pending(
         report.pool_reason = f"{pool.plan.n_workers} worker(s): {pool.plan.reason}"
         with pool:
             CLOCK.mark("workers_ready")
+            _LOG.info(
+                f"{pool.plan.n_workers} worker(s) ready; mining {len(pending)} shard(s) "
+                f"({progress.n_done}/{progress.n_total} committed so far), a line per committed shard"
+            )
             report.workers, report.workers_start_s = pool.start_infos(), pool.start_s
             progress.started = t_fanout = time.perf_counter()
             CLOCK.mark("first_shard")
@@ -229,10 +238,15 @@ def command_services(opts: MineOptions, use_prefect: bool) -> Iterator[None]:
     workers are spawned to load their models. Ray stays up for every round of the command. StartupError
     (one line) when something did not start in its limit after its retries."""
     server = TemporaryPrefectServer().begin() if use_prefect and prefect_api_url() is None else None
+    _LOG.info("starting Ray" + (" and Prefect's temporary API server" if server is not None else ""))
     with ray_session(opts.ray_address):
         CLOCK.mark("ray_ready")
         try:
-            prestart_workers(opts)
+            pool = prestart_workers(opts)
+            if pool is not None:
+                _LOG.info(
+                    f"Ray up; {pool.plan.n_workers} worker(s) loading the CLIP model while the run is planned"
+                )
             if server is not None:
                 server.wait()
                 CLOCK.mark("prefect_ready")
@@ -385,6 +399,7 @@ def mine_and_report(
         if params.qa_out:
             from qa.report import build_report
 
+            _LOG.info(f"writing the QA report into {params.qa_out} (qa.report's lines follow)")
             summary["qa_report"] = stage(
                 "qa-report", build_report, opts.out, params.qa_out, params.manifest, qa_cfg
             )
@@ -438,9 +453,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = build_options(params)  # fail fast, before a Prefect API or Ray starts
         CLOCK.mark("driver_ready")
+        if no_prefect:  # progress lines from the start (Ray and the workers' model loading take seconds)
+            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
         with command_services(opts, use_prefect=not no_prefect):
             if no_prefect:
-                logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
                 reporters = [LogReporter(logging.getLogger("mine-rsm")), TqdmReporter()]
                 summary = mine_and_report(opts, params, reporters)
                 summary.pop("qa_report", None)
@@ -478,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         + f", {summary['wall_s']}s"
     )
+    print(f"caption vocabulary: {vocabulary_line(summary)}")
     print(startup_line(CLOCK.summary()))
     if "qa" in summary:
         print(
