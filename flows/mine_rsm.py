@@ -15,10 +15,17 @@ artifacts, and `--no-prefect` runs the same functions without a Prefect API.
 
 from __future__ import annotations
 
+import sys
+
+# `--help` answers before the imports below (Prefect and Ray: about a second of the command's start)
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    from flows.options import cli_parser
+
+    cli_parser(__doc__.split("\n\n")[0]).parse_args()  # prints the help and exits
+
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,8 +44,8 @@ from flows.options import (
     MineOptions,
     MineParams,
     PreflightError,
-    add_param_arguments,
     build_options,
+    cli_parser,
     param_defaults,
     round_out,
 )
@@ -412,13 +419,7 @@ def mine_and_report(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.mine_rsm", description=__doc__.split("\n\n")[0])
-    add_param_arguments(p)
-    p.add_argument("--no-prefect", action="store_true", help="run the same pipeline without Prefect")
-    p.add_argument(
-        "--debug", action="store_true", help="keep Python tracebacks (default: one line per error)"
-    )
-    return p.parse_args(argv)
+    return cli_parser(__doc__.split("\n\n")[0]).parse_args(argv)
 
 
 class _NoTraceback(logging.Filter):

@@ -121,6 +121,18 @@ def add_param_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(flag, **kwargs)
 
 
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    """The `python -m flows.mine_rsm` parser: MineParams' flags plus the CLI's own (built here, in a module
+    without Prefect or Ray, so that `--help` answers without importing them)."""
+    p = argparse.ArgumentParser(prog="python -m flows.mine_rsm", description=description)
+    add_param_arguments(p)
+    p.add_argument("--no-prefect", action="store_true", help="run the same pipeline without Prefect")
+    p.add_argument(
+        "--debug", action="store_true", help="keep Python tracebacks (default: one line per error)"
+    )
+    return p
+
+
 @dataclass(frozen=True)
 class MineOptions:
     """Validated parameters: absolute paths and the resolved RSMConfig (what the pipeline runs on)."""
@@ -313,6 +325,7 @@ __all__ = [
     "MineParams",
     "add_param_arguments",
     "build_options",
+    "cli_parser",
     "other_run_in_out",
     "param_defaults",
     "params_from",

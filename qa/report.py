@@ -43,12 +43,10 @@ import pyarrow.parquet as pq
 from miners.calibration import Calibrator
 from miners.rsm import matches_from_pairs
 from miners.run_config import RunConfig, RunConfigError, read_run_config
-from qa import plots, sheets
 from qa.audit.fit import read_audit
 from qa.checks import run_checks, scan_shards
 from qa.config import ReportConfig, check_inject_modes, parse_inject_modes
 from qa.domain import clip_vocabulary, domain_checks, vocabulary_coverage
-from qa.inject import injection_rsm_config, run_injection
 from qa.mixture import MIXTURE_KINDS, posterior_noisy
 from qa.noise import BREAKDOWN_KEYS, column_range, fit_mixture_lazy, label_free_figures, score_histogram
 from qa.render import render_html, render_markdown, summary_markdown
@@ -98,6 +96,10 @@ def build_report(
     `manifest` defaults to the run plan's `manifest_path`. `overrides` replace ReportConfig fields
     (e.g. `sheet_samples=0`). Raises ShardStoreError when `pairs_dir` is not a readable run.
     """
+    # Imported where used: the injection check (spaCy, torch) and the plots (matplotlib) cost seconds
+    # that `python -m qa.report --help` and a refused report need not pay
+    from qa.inject import injection_rsm_config
+
     cfg = dataclasses.replace(cfg or ReportConfig(), **overrides)
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -148,6 +150,9 @@ def build_report(
 
 def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, seconds) -> dict:
     """The report's files, written into `out` (build_report's staging folder)."""
+    from qa import plots, sheets
+    from qa.inject import run_injection
+
     # Data checks first: they also say which files are safe to scan together
     _T0[0] = t0
     _progress(f"checking the run's files ({'sha256' if cfg.check_hashes else 'sizes'})")

@@ -41,7 +41,6 @@ from miners.run_config import RunConfig
 from qa.audit.db import AuditDB, AuditError, UnknownItemError
 from qa.audit.estimate import combine_annotators, noise_rates
 from qa.audit.sample import pair_keys, run_source
-from qa.plots import plot_reliability_before_after
 from storage.reader import read_pairs
 
 AUDIT_FILE = "audit.json"
@@ -274,6 +273,8 @@ def fit_audit(db_path: str | Path, pairs_dir: str | Path, out_dir: str | Path, s
             "fitted_on": {"run_id": src.run_id, "labels": len(labelled), "pairs": len(labelled)},
             "load_with": f"python -m flows.mine_rsm ... --calibrator {cal_path}",
         }
+    from qa.plots import plot_reliability_before_after  # matplotlib: only when a figure is drawn
+
     plot_reliability_before_after(
         (bins_before, _figure(ece_before)),
         (bins_after, _figure(ece_after)) if bins_after is not None else ([], None),
