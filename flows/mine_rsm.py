@@ -455,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         opts = build_options(params)  # fail fast, before a Prefect API or Ray starts
         CLOCK.mark("driver_ready")
         if no_prefect:  # progress lines from the start (Ray and the workers' model loading take seconds)
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+            show_progress_lines()
         with command_services(opts, use_prefect=not no_prefect):
             if no_prefect:
                 reporters = [LogReporter(logging.getLogger("mine-rsm")), TqdmReporter()]
@@ -503,6 +503,19 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k}={_rounded(v)}" for k, v in summary["qa"].items() if v is not None)
         )
     return 0
+
+
+def show_progress_lines() -> None:
+    """The `mine-rsm` logger's INFO lines on stderr. Its own handler: importing Prefect gives the root
+    logger a WARNING-level handler, so `logging.basicConfig` did nothing and the command was silent."""
+    log = logging.getLogger("mine-rsm")
+    for handler in list(log.handlers):  # once per call of main (tests call it repeatedly)
+        log.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _launched_as_command() -> bool:
