@@ -298,12 +298,14 @@ def mined_run(tiny_run) -> Path:
 def test_a_failed_report_leaves_nothing_and_a_finished_one_keeps_its_neighbours(
     tiny_run, tmp_path, monkeypatch
 ):
+    import qa.inject
     import qa.report as report_module
 
     def broken_injection(*args, **kwargs):
         raise RuntimeError("injection broke after the plots were drawn")
 
-    monkeypatch.setattr(report_module, "run_injection", broken_injection)
+    # qa.report imports the injection check where it runs it (not at the top: --help stays light)
+    monkeypatch.setattr(qa.inject, "run_injection", broken_injection)
     out = tmp_path / "qa"
     with pytest.raises(RuntimeError, match="after the plots"):
         report_module.build_report(tiny_run, out, sheet_samples=0, inject_noise=0.2)
