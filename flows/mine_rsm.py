@@ -15,10 +15,17 @@ artifacts, and `--no-prefect` runs the same functions without a Prefect API.
 
 from __future__ import annotations
 
+import sys
+
+# `--help` answers before the imports below (Prefect and Ray: about a second of the command's start)
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):
+    from flows.options import cli_parser
+
+    cli_parser(__doc__.split("\n\n")[0]).parse_args()  # prints the help and exits
+
 import argparse
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -37,8 +44,8 @@ from flows.options import (
     MineOptions,
     MineParams,
     PreflightError,
-    add_param_arguments,
     build_options,
+    cli_parser,
     param_defaults,
     round_out,
 )
@@ -62,6 +69,7 @@ from flows.reporting import (
     publish_qa_artifacts,
     qa_headline,
     summarize,
+    vocabulary_line,
 )
 from flows.startup import CLOCK, StartupError, TemporaryPrefectServer, prefect_api_url
 from miners.run_config import run_config_for
@@ -77,6 +85,10 @@ from storage.shards import (
     load_run_plan,
     pending_shards,
 )
+
+# Progress lines of a command's phases: shown with --no-prefect (main configures INFO logging); a flow
+# run's own logger carries the per-shard lines there
+_LOG = logging.getLogger("mine-rsm")
 
 
 class ShardsFailedError(RuntimeError):
@@ -148,6 +160,10 @@ def mine_pending(
         report.pool_reason = f"{pool.plan.n_workers} worker(s): {pool.plan.reason}"
         with pool:
             CLOCK.mark("workers_ready")
+            _LOG.info(
+                f"{pool.plan.n_workers} worker(s) ready; mining {len(pending)} shard(s) "
+                f"({progress.n_done}/{progress.n_total} committed so far), a line per committed shard"
+            )
             report.workers, report.workers_start_s = pool.start_infos(), pool.start_s
             progress.started = t_fanout = time.perf_counter()
             CLOCK.mark("first_shard")
@@ -229,10 +245,15 @@ def command_services(opts: MineOptions, use_prefect: bool) -> Iterator[None]:
     workers are spawned to load their models. Ray stays up for every round of the command. StartupError
     (one line) when something did not start in its limit after its retries."""
     server = TemporaryPrefectServer().begin() if use_prefect and prefect_api_url() is None else None
+    _LOG.info("starting Ray" + (" and Prefect's temporary API server" if server is not None else ""))
     with ray_session(opts.ray_address):
         CLOCK.mark("ray_ready")
         try:
-            prestart_workers(opts)
+            pool = prestart_workers(opts)
+            if pool is not None:
+                _LOG.info(
+                    f"Ray up; {pool.plan.n_workers} worker(s) loading the CLIP model while the run is planned"
+                )
             if server is not None:
                 server.wait()
                 CLOCK.mark("prefect_ready")
@@ -385,6 +406,7 @@ def mine_and_report(
         if params.qa_out:
             from qa.report import build_report
 
+            _LOG.info(f"writing the QA report into {params.qa_out} (qa.report's lines follow)")
             summary["qa_report"] = stage(
                 "qa-report", build_report, opts.out, params.qa_out, params.manifest, qa_cfg
             )
@@ -397,13 +419,7 @@ def mine_and_report(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m flows.mine_rsm", description=__doc__.split("\n\n")[0])
-    add_param_arguments(p)
-    p.add_argument("--no-prefect", action="store_true", help="run the same pipeline without Prefect")
-    p.add_argument(
-        "--debug", action="store_true", help="keep Python tracebacks (default: one line per error)"
-    )
-    return p.parse_args(argv)
+    return cli_parser(__doc__.split("\n\n")[0]).parse_args(argv)
 
 
 class _NoTraceback(logging.Filter):
@@ -438,9 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         opts = build_options(params)  # fail fast, before a Prefect API or Ray starts
         CLOCK.mark("driver_ready")
+        if no_prefect:  # progress lines from the start (Ray and the workers' model loading take seconds)
+            show_progress_lines()
         with command_services(opts, use_prefect=not no_prefect):
             if no_prefect:
-                logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
                 reporters = [LogReporter(logging.getLogger("mine-rsm")), TqdmReporter()]
                 summary = mine_and_report(opts, params, reporters)
                 summary.pop("qa_report", None)
@@ -478,6 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         + f", {summary['wall_s']}s"
     )
+    print(f"caption vocabulary: {vocabulary_line(summary)}")
     print(startup_line(CLOCK.summary()))
     if "qa" in summary:
         print(
@@ -485,6 +503,19 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k}={_rounded(v)}" for k, v in summary["qa"].items() if v is not None)
         )
     return 0
+
+
+def show_progress_lines() -> None:
+    """The `mine-rsm` logger's INFO lines on stderr. Its own handler: importing Prefect gives the root
+    logger a WARNING-level handler, so `logging.basicConfig` did nothing and the command was silent."""
+    log = logging.getLogger("mine-rsm")
+    for handler in list(log.handlers):  # once per call of main (tests call it repeatedly)
+        log.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False
 
 
 def _launched_as_command() -> bool:

@@ -20,6 +20,8 @@ from miners.matching import MATCH_MODES, MatchConfig
 from miners.model_folder import CROP_MODES, clip_folder_problem, model_fingerprint
 from miners.regions import PROPOSER_NAMES
 from miners.rsm import RSMConfig, load_companions
+from miners.run_config import run_config_for
+from storage.shards import RUN_FILE, config_changes, load_run_plan
 
 CLIP_MODEL_HINT = (
     "pass --clip-model DIR (a CLIP folder saved with save_pretrained); `make demo` bootstraps a tiny one "
@@ -117,6 +119,18 @@ def add_param_arguments(parser: argparse.ArgumentParser) -> None:
             if f.default is not None:
                 kwargs["help"] += f" (default {f.default})"
         parser.add_argument(flag, **kwargs)
+
+
+def cli_parser(description: str) -> argparse.ArgumentParser:
+    """The `python -m flows.mine_rsm` parser: MineParams' flags plus the CLI's own (built here, in a module
+    without Prefect or Ray, so that `--help` answers without importing them)."""
+    p = argparse.ArgumentParser(prog="python -m flows.mine_rsm", description=description)
+    add_param_arguments(p)
+    p.add_argument("--no-prefect", action="store_true", help="run the same pipeline without Prefect")
+    p.add_argument(
+        "--debug", action="store_true", help="keep Python tracebacks (default: one line per error)"
+    )
+    return p
 
 
 @dataclass(frozen=True)
@@ -247,6 +261,10 @@ def build_options(params: MineParams) -> MineOptions:
         images_per_batch=p.images_per_batch,
         max_batch_pixels=p.max_batch_pixels,
     )
+    # Another run in OUT first: its own message (old and new values) says what changed, where the bank
+    # check below would blame the bank for a changed --crop-mode
+    if changes := other_run_in_out(p, config):
+        raise PreflightError([changes])
     try:  # the bank and calibrator beside the model: a stale one fails here, not in every Ray worker
         load_companions(config, model_fingerprint(clip_dir))
     except (BankError, ValueError, FileNotFoundError, OSError, KeyError) as exc:
@@ -267,6 +285,30 @@ def build_options(params: MineParams) -> MineOptions:
     )
 
 
+def other_run_in_out(p: MineParams, config: RSMConfig) -> str | None:
+    """Why OUT (or, with rounds, its round-0 folder: the first one mined) cannot be resumed with these
+    settings: each changed config key with its old and new value, and a changed shard size; None when it
+    holds no run or the same one. The manifest's content is compared later, when the shards are planned
+    (that reads the whole manifest)."""
+    folder = rounds_dir(p.out) / "round-0" / "shards" if p.rounds else Path(p.out)
+    if not (folder / RUN_FILE).is_file():
+        return None
+    try:
+        stored = load_run_plan(folder)
+    except Exception:  # unreadable: begin_run says what is wrong with it
+        return None
+    changed = config_changes(stored.config, run_config_for(config).to_dict())
+    if stored.shard_size != p.shard_size:
+        changed.append(f"shard_size {stored.shard_size} -> {p.shard_size}")
+    if not changed:
+        return None
+    return (
+        f"{folder} holds run {stored.run_id}, mined with other settings: {'; '.join(changed)}. Its committed "
+        "shards would mix with this run's, so this is refused: mine into a new --out folder, or pass the "
+        "old values to resume that run"
+    )
+
+
 def params_from(**values: Any) -> MineParams:
     """MineParams from keyword values (unknown names are a TypeError naming them)."""
     unknown = set(values) - {f.name for f in fields(MineParams)}
@@ -283,6 +325,8 @@ __all__ = [
     "MineParams",
     "add_param_arguments",
     "build_options",
+    "cli_parser",
+    "other_run_in_out",
     "param_defaults",
     "params_from",
     "round_out",

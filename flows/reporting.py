@@ -125,8 +125,30 @@ def summarize(opts: MineOptions, plan: RunPlan, report: MiningReport, wall_s: fl
         "overhead_s_per_shard": round((report.fanout_s - mine_s / n_workers) / len(mined), 3)
         if mined
         else None,
+        "vocabulary": run_vocabulary(plan, opts.config.clip_model),
         "shards": shards,
     }
+
+
+VOCABULARY_MAX_CAPTIONS = 50_000  # enough to find the words a CLIP lacks; a 1M-row manifest reads in seconds
+
+
+def run_vocabulary(
+    plan: RunPlan, clip_model: str, max_captions: int = VOCABULARY_MAX_CAPTIONS
+) -> dict[str, Any]:
+    """The vocabulary coverage of the run's captions (qa.domain.vocabulary_coverage): which caption words
+    the mining CLIP's tokenizer does not know and turns into [UNK]. Reads the first `max_captions`
+    captions of the manifest (the whole of any but a large one; `captions_read` says how many)."""
+    import pyarrow.parquet as pq
+
+    from qa.domain import clip_vocabulary, vocabulary_coverage
+
+    try:
+        captions = pq.read_table(plan.manifest_path, columns=["caption"])["caption"].to_pylist()
+    except (OSError, KeyError) as exc:  # the manifest moved since the plan: the summary still stands
+        return {"status": "unavailable", "why": f"the manifest's captions could not be read ({exc})"}
+    coverage = vocabulary_coverage(captions[:max_captions], clip_vocabulary(clip_model))
+    return {**coverage, "captions_read": min(len(captions), max_captions), "captions": len(captions)}
 
 
 # The stage profile: the miner's stages (miners.rsm.STAGES) and the driver's commit.
@@ -175,6 +197,22 @@ def _speed(summary: dict[str, Any], unit: str = "") -> str:
     return "nothing left to mine (already committed)" if ips is None else f"{ips}{unit}"
 
 
+def vocabulary_line(summary: dict[str, Any]) -> str:
+    """'43 of 45 distinct caption words are in the CLIP's vocabulary (2 outside: ...)', or why not known."""
+    vocab = summary.get("vocabulary") or {}
+    if not vocab:
+        return "n/a"
+    if vocab.get("status") == "unavailable":
+        return f"n/a: {vocab['why']}"
+    read = vocab.get("captions_read", 0)
+    of = (
+        f" (of the first {read} of {vocab['captions']} captions)"
+        if read < vocab.get("captions", read)
+        else ""
+    )
+    return vocab["why"] + of
+
+
 def summary_markdown(summary: dict[str, Any]) -> str:
     state = "complete" if summary["finalized"] else "INCOMPLETE"
     kinds = "".join(f"| {k} | {n} |\n" for k, n in summary["status_counts"].items()) or "| - | 0 |\n"
@@ -191,7 +229,8 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"| images/s (this run) | {_speed(summary)} |\n"
         f"| wall s (Ray start, workers start, fan-out) | {summary['wall_s']} ({summary['ray_start_s']}, "
         f"{summary['workers_start_s']}, {summary['fanout_s']}) |\n"
-        f"| workers | {summary['pool']} |\n\n"
+        f"| workers | {summary['pool']} |\n"
+        f"| caption vocabulary | {vocabulary_line(summary)} |\n\n"
         f"## Rows by status\n\n| status | rows |\n| --- | --- |\n{kinds}"
         + stage_profile_markdown(summary)
         + (f"\n## Failed shards\n\n{failed}\nRerun the same command to resume.\n" if failed else "")
@@ -245,6 +284,7 @@ class LogReporter(Reporter):
             f"{summary['shards_committed']}/{summary['n_shards']} shards committed, {summary['pairs']} pairs "
             f"({summary['kept_pairs']} kept), {speed}, wall {summary['wall_s']}s"
         )
+        self.log.info(f"caption vocabulary: {vocabulary_line(summary)}")
         stage_s = summary.get("stage_s") or {}
         if sum(stage_s.values()):
             total = sum(stage_s.values())

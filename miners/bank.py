@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import io
 import json
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,7 +109,12 @@ class ReferenceBank:
     ) -> ReferenceBank:
         model_dir = Path(model_dir)
         meta_path, arrays_path = model_dir / BANK_META, model_dir / BANK_ARRAYS
-        rebuild = f"rebuild it with `python -m miners.bank --manifest M --clip-model {model_dir}`"
+        folder = shlex.quote(str(model_dir))
+        # MANIFEST spelled out: a bare `M` left the reader guessing
+        rebuild = (
+            f"rebuild it with `python -m miners.bank --manifest MANIFEST --clip-model {folder}` "
+            "(MANIFEST: the manifest of the data it was built from, e.g. your training set's)"
+        )
         try:
             meta = json.loads(meta_path.read_text())
             data = arrays_path.read_bytes()
@@ -126,9 +132,15 @@ class ReferenceBank:
                 f"{rebuild}"
             )
         if crop_mode and meta.get("crop_mode") != crop_mode:
+            # Never rebuild it in place: every run that uses this model folder reads this bank
+            copy = shlex.quote(f"{model_dir}-{crop_mode}")
             raise BankError(
-                f"{meta_path}: built with crop mode {meta.get('crop_mode')!r}, not {crop_mode!r}; "
-                f"{rebuild} --crop-mode {crop_mode}"
+                f"{meta_path}: the reference bank beside this CLIP model was built for --crop-mode "
+                f"{meta.get('crop_mode')!r}, not {crop_mode!r}, and other runs use it as it is. To mine with "
+                f"--crop-mode {crop_mode}, copy the model folder and build a {crop_mode}-mode bank in the "
+                f"copy: `cp -r {folder} {copy} && python -m miners.bank --manifest MANIFEST --clip-model "
+                f"{copy} --crop-mode {crop_mode}` (MANIFEST: the manifest the bank is built from, e.g. your "
+                f"training set's), then pass --clip-model {copy}"
             )
         with np.load(io.BytesIO(data)) as npz:
             arrays = {k: npz[k] for k in npz.files}

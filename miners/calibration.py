@@ -25,6 +25,19 @@ from storage.schemas import BODY_PARTS
 # 2: per-part label features; 3: content features vs the reference bank; 4: the garment probe
 CALIBRATOR_VERSION = 4
 CALIBRATOR_FILENAME = "rsm-calibrator.json"
+# Rows of the fitting data's feature matrix kept in the calibrator (`reference`), with their labels: what
+# qa.domain compares a run with to say whether the calibrator applies there. 1000 rows are enough for a
+# two-sample test to see a new domain and keep the JSON a few hundred kB (the project's own choice).
+REFERENCE_ROWS = 1000
+
+
+def sigmoid(z: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(−z)) without overflow: exp is only ever taken of −|z| (a confident logit of −800 is
+    0.0, not a RuntimeWarning)."""
+    z = np.asarray(z, dtype=np.float64)
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
 
 # One indicator per body-part label of the chosen region: how reliable a part's regions are differs by
 # part (a prior zone holds a head far more often than a bag), which a single quality number cannot say.
@@ -121,6 +134,9 @@ class Calibrator:
     calibrated: bool
     model_fingerprint: str | None = None
     fit_info: dict = field(default_factory=dict)
+    # A sample of the fitting data: {"x": rows of raw features (self.features' order), "correct": 0/1};
+    # None for the default prior and for calibrators written before it was kept.
+    reference: dict | None = None
 
     def _reads(self, names: tuple[str, ...]) -> bool:
         return any(part in names for n in self.features for part in n.split("*"))
@@ -139,7 +155,7 @@ class Calibrator:
 
     def predict(self, m: UnitMatches) -> np.ndarray:
         x = (feature_matrix(m, self.features) - self.mean) / self.std
-        return (1.0 / (1.0 + np.exp(-(x @ self.coef + self.intercept)))).astype(np.float32)
+        return sigmoid(x @ self.coef + self.intercept).astype(np.float32)
 
     def to_json(self) -> dict:
         return {
@@ -152,6 +168,7 @@ class Calibrator:
             "calibrated": self.calibrated,
             "model_fingerprint": self.model_fingerprint,
             "fit_info": self.fit_info,
+            **({"reference": self.reference} if self.reference is not None else {}),
         }
 
     def save(self, path: str | Path) -> Path:
@@ -185,6 +202,7 @@ class Calibrator:
             calibrated=bool(raw["calibrated"]),
             model_fingerprint=raw.get("model_fingerprint"),
             fit_info=raw.get("fit_info", {}),
+            reference=raw.get("reference"),
         )
 
 
@@ -224,10 +242,12 @@ def fit_calibrator(
     garment: bool | None = None,
     sample_weight: np.ndarray | None = None,
     features: tuple[str, ...] | None = None,
+    reference_rows: int = REFERENCE_ROWS,
 ) -> Calibrator:
     """Logistic regression of `correct` on the mode's features (Newton's method, L2 on weights);
     `content` adds the bank features (default: when the matches carry them). `sample_weight` weighs
-    each pair (an audit sample's 1/π); `features` replaces the mode's list (refit a given calibrator)."""
+    each pair (an audit sample's 1/π); `features` replaces the mode's list (refit a given calibrator).
+    Up to `reference_rows` rows of the fitting data (drawn with a fixed seed) are kept as `reference`."""
     if content is None:
         content = matches.bank_region_z is not None
     if colour is None:
@@ -249,14 +269,23 @@ def fit_calibrator(
     penalty = np.full(x.shape[1], l2)
     penalty[-1] = 0.0  # the intercept is not shrunk
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        p = sigmoid(x @ w)
         grad = x.T @ (sw * (p - y)) / len(y) + penalty * w
         hess = (x * (sw * p * (1 - p))[:, None]).T @ x / len(y) + np.diag(penalty + 1e-9)
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-8:
             break
+    pick = np.random.default_rng(0).permutation(len(y))[:reference_rows]
+    pick.sort()
+    reference = {
+        # 5 significant digits: the test needs the shape of the distribution, not float64 noise
+        "x": [[float(f"{v:.5g}") for v in row] for row in x_raw[pick]],
+        "correct": [int(v) for v in y[pick]],
+        **({"weight": [round(float(v), 5) for v in sw[pick]]} if sample_weight is not None else {}),
+    }
     return Calibrator(
+        reference=reference,
         features=names,
         coef=w[:-1],
         intercept=float(w[-1]),

@@ -30,6 +30,7 @@ import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from storage.manifest import read_import_rejects
 from storage.reader import read_run_manifest, verify_run
 from storage.schemas import PAIRS_SCHEMA, STATUS_SCHEMA, ErrorKind, check_version
 from storage.shards import PAIR_KEY, load_run_plan
@@ -224,7 +225,11 @@ def check_duplicates(files: list[tuple[int, Path]]) -> CheckResult:
 
 
 def check_status_accounting(
-    status: pl.LazyFrame, manifest_path: Path | None, expected_rows: int, partial: bool
+    status: pl.LazyFrame,
+    manifest_path: Path | None,
+    expected_rows: int,
+    partial: bool,
+    import_rejects: dict[str, Any] | None = None,
 ) -> CheckResult:
     counts = _collect(
         status.select(pl.len().alias("rows"), (pl.col("status") == "ok").sum().alias("ok"))
@@ -271,6 +276,15 @@ def check_status_accounting(
     summary = (
         "; ".join(problems) if problems else f"manifest rows {expected_rows} = ok {ok} + rejected {rows - ok}"
     )
+    if import_rejects is not None:
+        # rows of the dataset that never reached the manifest: every row is accounted for
+        details["import_rejected"] = import_rejects["rows"]
+        details["import_rejected_by_reason"] = import_rejects["by_reason"]
+        details["rejects_file"] = import_rejects["path"]
+        summary = (
+            f"dataset rows {expected_rows + import_rejects['rows']} = manifest {expected_rows} + rejected at "
+            f"import {import_rejects['rows']}; " + summary
+        )
     return CheckResult("status_accounting", not problems, summary, details)
 
 
@@ -298,7 +312,7 @@ def check_pairs_vs_status(pairs: pl.LazyFrame, status: pl.LazyFrame) -> CheckRes
     )
 
 
-def check_error_reasons(status: pl.LazyFrame) -> CheckResult:
+def check_error_reasons(status: pl.LazyFrame, import_rejects: dict[str, Any] | None = None) -> CheckResult:
     counts = _collect(status.group_by("status").agg(pl.len().alias("n")).sort("status"))
     by_status = dict(zip(counts["status"].to_list(), (int(n) for n in counts["n"]), strict=True))
     known = {"ok"} | {str(k) for k in ErrorKind}
@@ -314,13 +328,25 @@ def check_error_reasons(status: pl.LazyFrame) -> CheckResult:
         else []
     )
     errors = sum(n for s, n in by_status.items() if s != "ok")
+    at_import = (import_rejects or {}).get("by_reason", {})
     return CheckResult(
         "error_reasons",
         not unknown,
-        f"{errors} rejected row(s): "
+        f"{errors} rejected row(s) in mining: "
         + (", ".join(f"{s} {n}" for s, n in by_status.items() if s != "ok") or "none")
+        + (
+            f"; {sum(at_import.values())} at import: " + ", ".join(f"{r} {n}" for r, n in at_import.items())
+            if at_import
+            else ""
+        )
         + (f"; unknown status values {unknown}" if unknown else ""),
-        {"by_status": by_status, "unknown_values": unknown, "examples": examples},
+        {
+            "by_status": by_status,
+            "import_by_reason": at_import,
+            "unknown_values": unknown,
+            "examples": examples,
+            "import_examples": (import_rejects or {}).get("examples", []),
+        },
     )
 
 
@@ -386,9 +412,10 @@ def run_checks(
     else:
         expected_rows = sum(s["n_manifest_rows"] for s in run_manifest["shards"])
     manifest = Path(manifest_path) if manifest_path is not None else None
-    results.append(check_status_accounting(status, manifest, expected_rows, partial=not finalized))
+    import_rejects = read_import_rejects(manifest) if manifest is not None else None
+    results.append(check_status_accounting(status, manifest, expected_rows, not finalized, import_rejects))
     results.append(check_pairs_vs_status(pairs, status))
-    results.append(check_error_reasons(status))
+    results.append(check_error_reasons(status, import_rejects))
     return CheckReport(results, sound["pairs"], sound["status"], run_manifest)
 
 

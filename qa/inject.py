@@ -124,8 +124,9 @@ def _score_mode(
     fit_clean = fit_mixture(score, kind=cfg.mixture_kind)
     fit_mixed = fit_mixture(mixed_score, kind=cfg.mixture_kind)
     est_clean, est_mixed = _mean(1 - rel), _mean(1 - mixed_rel)
-    mix_clean = _mean(posterior_noisy(fit_clean, score))
-    mix_mixed = _mean(posterior_noisy(fit_mixed, mixed_score))
+    # A fit stopped by the EM cap gives no figure (n/a), as in the report's headline.
+    mix_clean = _mean(posterior_noisy(fit_clean, score)) if fit_clean.converged else None
+    mix_mixed = _mean(posterior_noisy(fit_mixed, mixed_score)) if fit_mixed.converged else None
     injected_rate = len(found) / units if units else None
     block = {
         "fraction_requested": cfg.inject_noise,
@@ -144,6 +145,7 @@ def _score_mode(
         "mixture_noise_clean": mix_clean,
         "mixture_noise_mixed": mix_mixed,
         "mixture_recovered_rate": _diff(mix_mixed, mix_clean),
+        "mixture_why_na": fit_clean.why_no_figure() or fit_mixed.why_no_figure(),
         "auroc_clean_vs_injected": auroc(mixed_rel, is_clean),
         # Injected units all name a part: compare with clean units that do too (no ungroundable ones)
         "auroc_tagged_clean_vs_injected": auroc(

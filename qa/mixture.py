@@ -39,6 +39,13 @@ class MixtureFit:
     def to_json(self) -> dict:
         return asdict(self)
 
+    def why_no_figure(self) -> str | None:
+        """Why this fit's noise figure is not shown (None when it is): a fit stopped by the EM iteration
+        cap sits wherever the cap left it, so its components (and any figure read from them) mean nothing."""
+        if self.converged:
+            return None
+        return f"the {self.kind} mixture did not converge: EM stopped at its cap of {self.n_iter} iterations"
+
 
 def _weighted_quantile(x: np.ndarray, w: np.ndarray, q: float) -> float:
     order = np.argsort(x, kind="stable")

@@ -116,9 +116,13 @@ def clean_float(v):
 def label_free_figures(lf: pl.LazyFrame, fit: MixtureFit | None, score: str = "reliability") -> dict:
     """Totals, the two label-free noise estimates of kept pairs, and breakdowns by BREAKDOWN_KEYS.
 
-    `lf` must carry a `_shard` column (shard id) besides PAIRS_SCHEMA's columns.
+    `lf` must carry a `_shard` column (shard id) besides PAIRS_SCHEMA's columns. A fit that did not
+    converge gives no mixture figure (None) and `noise_rate_mixture_why_na` says why.
     """
     lf = lf.with_columns(pl.col("_shard").alias("shard"))
+    why_na = fit.why_no_figure() if fit is not None else None
+    if why_na is not None:  # no figure from a fit that did not converge: n/a, with the reason
+        fit = None
     if fit is not None:
         lf = lf.with_columns(posterior_noisy_expr(fit, score).alias("_p_noisy"))
     totals = lf.select(noise_aggs(fit is not None)).collect(engine="streaming").to_dicts()[0]
@@ -142,6 +146,7 @@ def label_free_figures(lf: pl.LazyFrame, fit: MixtureFit | None, score: str = "r
         "noise_rate_estimated": clean_float(totals["noise_rate_estimated"]),
         "noise_rate_mixture": clean_float(totals.get("noise_rate_mixture")),
         "noise_rate_mixture_all_pairs": clean_float(noisy_all),
+        "noise_rate_mixture_why_na": why_na,
         "breakdowns": breakdowns,
     }
 

@@ -65,6 +65,8 @@ def _label(qa: dict, key: str, label: str) -> str:
     if key != "noise_rate_mixture":
         return label
     check = qa.get("mixture_check") or {}
+    if check.get("status") == "not_converged":
+        return f"{label} — n/a: {check['why']}"
     return label + MIXTURE_MARKS.get(check.get("status"), "")
 
 
@@ -82,6 +84,7 @@ def _summary_blocks(qa: dict) -> list[Block]:
             if qa.get("verdict")
             else []
         ),
+        *_domain_blocks(qa),
         ("h", 2, "Noise"),
         (
             "table",
@@ -229,6 +232,7 @@ def _injection_rows(inj: dict) -> list[list[str]]:
         ("mixture_noise_clean", "mixture noise, all pairs, clean"),
         ("mixture_noise_mixed", "mixture noise, all pairs, mixed"),
         ("mixture_recovered_rate", "mixture recovered rate"),
+        ("mixture_why_na", "mixture figures n/a because"),
         ("auroc_clean_vs_injected", "AUROC of reliability, clean vs injected"),
         ("auroc_tagged_clean_vs_injected", "AUROC, clean units naming a part vs injected"),
         ("true_noise_rise", "true noise rise (all pairs; injected pairs counted wrong)"),
@@ -275,6 +279,21 @@ def _figure_blocks(qa: dict) -> list[Block]:
             caption = f"{band} band {sheet['range']}: {sheet['shown']} of {sheet['in_band']} pairs"
             blocks.append(("img", sheet["file"], caption))
     return blocks
+
+
+def _domain_blocks(qa: dict) -> list[Block]:
+    """Does the calibrator apply here (qa.domain), and the captions' vocabulary coverage."""
+    domain = ((qa.get("verdict") or {}).get("calibrator") or {}).get("domain") or {}
+    rows = [[name, c["status"].upper(), c["why"]] for name, c in (domain.get("checks") or {}).items()]
+    vocab = qa.get("vocabulary")
+    if vocab and "vocabulary" not in (domain.get("checks") or {}):
+        rows.append(["vocabulary", vocab["status"].upper(), vocab["why"]])
+    if not rows:
+        return []
+    return [
+        ("p", "Does the calibrator apply to this run's data? (qa.domain)"),
+        ("table", ["check", "", "why"], rows),
+    ]
 
 
 def summary_markdown(qa: dict) -> str:

@@ -38,14 +38,15 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 
+from miners.calibration import Calibrator
 from miners.rsm import matches_from_pairs
 from miners.run_config import RunConfig, RunConfigError, read_run_config
-from qa import plots, sheets
 from qa.audit.fit import read_audit
 from qa.checks import run_checks, scan_shards
 from qa.config import ReportConfig, check_inject_modes, parse_inject_modes
-from qa.inject import injection_rsm_config, run_injection
+from qa.domain import clip_vocabulary, domain_checks, vocabulary_coverage
 from qa.mixture import MIXTURE_KINDS, posterior_noisy
 from qa.noise import BREAKDOWN_KEYS, column_range, fit_mixture_lazy, label_free_figures, score_histogram
 from qa.render import render_html, render_markdown, summary_markdown
@@ -57,6 +58,14 @@ from storage.shards import ShardStoreError, load_run_plan
 
 HIST_SCORES = ("reliability", "clip_cosine", "softmax_prob", "margin")
 SHIFT_SAMPLE = 20_000  # pairs compared with the calibrator's fitting data (qa.verdict.data_shift)
+
+
+_T0 = [time.perf_counter()]
+
+
+def _progress(message: str) -> None:
+    """One progress line on stderr (the report takes seconds to minutes; stdout keeps the summary)."""
+    print(f"qa.report [{time.perf_counter() - _T0[0]:5.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 def _json_safe(value: Any) -> Any:
@@ -87,6 +96,10 @@ def build_report(
     `manifest` defaults to the run plan's `manifest_path`. `overrides` replace ReportConfig fields
     (e.g. `sheet_samples=0`). Raises ShardStoreError when `pairs_dir` is not a readable run.
     """
+    # Imported where used: the injection check (spaCy, torch) and the plots (matplotlib) cost seconds
+    # that `python -m qa.report --help` and a refused report need not pay
+    from qa.inject import injection_rsm_config
+
     cfg = dataclasses.replace(cfg or ReportConfig(), **overrides)
     t0 = time.perf_counter()
     seconds: dict[str, float] = {}
@@ -137,12 +150,18 @@ def build_report(
 
 def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, seconds) -> dict:
     """The report's files, written into `out` (build_report's staging folder)."""
+    from qa import plots, sheets
+    from qa.inject import run_injection
+
     # Data checks first: they also say which files are safe to scan together
+    _T0[0] = t0
+    _progress(f"checking the run's files ({'sha256' if cfg.check_hashes else 'sizes'})")
     t = time.perf_counter()
     checks = run_checks(pairs_dir, manifest_path, cfg.check_hashes, cfg.allow_partial)
     seconds["checks"] = time.perf_counter() - t
 
     # Label-free figures
+    _progress("label-free figures and the mixture fit")
     t = time.perf_counter()
     lf = scan_shards(checks.pairs_files, PAIRS_SCHEMA)
     n_pairs = lf.select(pl.len()).collect().item()
@@ -158,6 +177,8 @@ def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, s
     seconds["label_free"] = time.perf_counter() - t
 
     # Ground truth, streamed per shard
+    if manifest_path is not None and cfg.ground_truth:
+        _progress("judging pairs against the manifest's ground truth (where it has any)")
     t = time.perf_counter()
     gt = load_ground_truth(manifest_path) if (manifest_path is not None and cfg.ground_truth) else None
     truth = None
@@ -178,6 +199,7 @@ def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, s
     seconds["ground_truth"] = time.perf_counter() - t
 
     # Plots and sheets
+    _progress(f"plots and {cfg.sheet_samples}-pair contact sheets")
     t = time.perf_counter()
     figures = {
         "score_histograms": plots.plot_score_histograms(
@@ -211,6 +233,7 @@ def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, s
     injection = None
     if cfg.inject_noise is not None:
         t = time.perf_counter()
+        _progress(f"injecting {cfg.inject_noise:.0%} known noise and re-scoring (the estimator check)")
         injection = run_injection(plan, run_cfg, manifest_path, checks.status_files, cfg)
         if any(b.get("available") for b in injection["modes"].values()):
             figures["injection_modes"] = plots.plot_injection_modes(
@@ -221,10 +244,25 @@ def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, s
     provenance = (
         calibrator_provenance(run_cfg.rsm.clip_model, run_cfg.rsm.calibrator) if run_cfg is not None else None
     )
+    vocabulary = None
+    if run_cfg is not None and manifest_path is not None:
+        captions = pq.read_table(manifest_path, columns=["caption"])["caption"].to_pylist()
+        vocabulary = vocabulary_coverage(captions, clip_vocabulary(run_cfg.rsm.clip_model))
     if provenance and provenance["calibrated"] and n_pairs:
+        t = time.perf_counter()
+        _progress("checking that the calibrator applies to this run's data (qa.domain)")
         # the first SHIFT_SAMPLE pairs in shard order: shards are planned in manifest order, not by content
         sample = lf.head(SHIFT_SAMPLE).collect().to_arrow()
-        provenance["data_shift"] = data_shift(provenance["path"], matches_from_pairs(sample))
+        matches = matches_from_pairs(sample)
+        provenance["data_shift"] = data_shift(provenance["path"], matches)  # the per-feature means, shown
+        provenance["domain"] = domain_checks(
+            Calibrator.load(provenance["path"]),
+            matches,
+            sample["kept"].to_numpy(zero_copy_only=False),
+            keep_threshold,
+            vocabulary,
+        )
+        seconds["domain"] = time.perf_counter() - t
     qa = {
         "generated_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "run": {
@@ -249,6 +287,7 @@ def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, s
         "sheets": sheet_files,
         "injection": injection,
         "audit": audit,
+        "vocabulary": vocabulary,
         "config": dataclasses.asdict(cfg),
     }
     qa["verdict"] = verdict(qa, provenance)
@@ -256,6 +295,7 @@ def _write_report(pairs_dir, out, plan, run_cfg, manifest_path, root, cfg, t0, s
     seconds["total"] = time.perf_counter() - t0
     qa["seconds"] = {k: round(v, 3) for k, v in seconds.items()}
     qa = _json_safe(qa)
+    _progress("writing qa.json, report.md, report.html")
     (out / "qa.json").write_text(json.dumps(qa, indent=1, allow_nan=False))
     (out / "report.md").write_text(render_markdown(qa))
     (out / "report.html").write_text(render_html(qa, out))

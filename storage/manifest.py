@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -96,8 +97,12 @@ class ImportSummary:
         if self.first_rejects:
             lines.append(f"first {len(self.first_rejects)} rejects:")
             for r in self.first_rejects:
-                where = "" if r.message.startswith("record ") else f"record {r.record_index}: "
-                lines.append(f"  [{r.reason}] {where}{r.message}")
+                # each reject once, with where it is: the record and (for one caption) the caption index
+                where = f"record {r.record_index}" + (
+                    f", caption {r.caption_index}" if r.caption_index is not None else ""
+                )
+                message = re.sub(r"^record \d+(, caption \d+)?:\s*", "", r.message)
+                lines.append(f"  [{r.reason}] {where}: {message}")
         lines += [f"hint: {h}" for h in self.hints]
         return "\n".join(lines)
 
@@ -108,6 +113,26 @@ DEFAULT_MAX_REJECT_FRACTION = 0.1
 def default_rejects_path(out: Path) -> Path:
     """`<out stem>.rejects.parquet` beside the manifest."""
     return out.with_name(f"{out.stem}.rejects.parquet")
+
+
+def read_import_rejects(manifest_path: str | Path) -> dict[str, Any] | None:
+    """The import's rejects of a manifest, from its rejects file when it is there (the default path beside
+    the manifest): {"path", "rows", "by_reason": {reason: rows}, "examples": [first 5 rows]}; None when
+    there is no such file (a manifest written elsewhere, or with --rejects PATH)."""
+    path = default_rejects_path(Path(manifest_path))
+    if not path.is_file():
+        return None
+    table = pq.read_table(path)
+    reasons = table["reason"].to_pylist()
+    by_reason: dict[str, int] = {}
+    for r in reasons:
+        by_reason[r] = by_reason.get(r, 0) + 1
+    return {
+        "path": str(path),
+        "rows": table.num_rows,
+        "by_reason": dict(sorted(by_reason.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "examples": table.slice(0, 5).to_pylist(),
+    }
 
 
 def import_dataset(

@@ -310,6 +310,14 @@ def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix.rstrip("."): value}
 
 
+def config_changes(stored_config: dict[str, Any], new_config: dict[str, Any]) -> list[str]:
+    """Each changed key of two run configs with its old and new value ("rsm.crop_mode 'box' -> 'mask'"),
+    keys flattened with dots, sorted."""
+    old, new = _flat(stored_config), _flat(new_config)
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
+    return [f"{k} {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys]
+
+
 def _conflicts(stored: RunPlan, plan: RunPlan) -> list[str]:
     changed = []
     if stored.manifest_fingerprint != plan.manifest_fingerprint:
@@ -318,9 +326,7 @@ def _conflicts(stored: RunPlan, plan: RunPlan) -> list[str]:
             f"{plan.manifest_path} sha256 {plan.manifest_fingerprint[:12]})"
         )
     if stored.run_config_sha256 != plan.run_config_sha256:
-        old, new = _flat(stored.config), _flat(plan.config)
-        keys = sorted(k for k in old.keys() | new.keys() if old.get(k, "<unset>") != new.get(k, "<unset>"))
-        changed.append(f"the CONFIG changed (keys {keys[:10]})")
+        changed.append(f"the CONFIG changed ({'; '.join(config_changes(stored.config, plan.config))})")
     if stored.shard_size != plan.shard_size:
         changed.append(f"shard_size changed ({stored.shard_size} -> {plan.shard_size})")
     if not changed and stored.run_id != plan.run_id:

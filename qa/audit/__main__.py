@@ -60,6 +60,11 @@ def _fit(args) -> int:
     unsure = audit["noise_rate_kept"]["unsure_counted_wrong"]
     if audit["noise_rate_kept"]["n_unsure"]:
         print(f"  with {audit['noise_rate_kept']['n_unsure']} unsure counted wrong: {_interval(unsure)}")
+    if audit["calibrator"] is None:
+        print(f"ECE on the audited pairs: {audit['ece_before']:.3f} mined")
+        print(f"no calibrator refit: {audit['refit_skipped']['why']}")
+        print(f"wrote {Path(args.out) / 'audit.json'} and reliability.png")
+        return 0
     print(f"ECE on the audited pairs: {audit['ece_before']:.3f} mined → {audit['ece_after']:.3f} refit (CV)")
     print(f"wrote {Path(args.out) / 'audit.json'}, reliability.png and {audit['calibrator']['path']}")
     print(f"use it: {audit['calibrator']['load_with']}")

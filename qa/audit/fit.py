@@ -27,14 +27,20 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from miners.calibration import Calibrator, default_calibrator, features_for, fit_calibrator
+from miners.calibration import (
+    Calibrator,
+    default_calibrator,
+    feature_matrix,
+    features_for,
+    fit_calibrator,
+    sigmoid,
+)
 from miners.metrics import expected_calibration_error
 from miners.rsm import calibrator_fingerprint, calibrator_path, matches_from_pairs
 from miners.run_config import RunConfig
 from qa.audit.db import AuditDB, AuditError, UnknownItemError
 from qa.audit.estimate import combine_annotators, noise_rates
 from qa.audit.sample import pair_keys, run_source
-from qa.plots import plot_reliability_before_after
 from storage.reader import read_pairs
 
 AUDIT_FILE = "audit.json"
@@ -77,14 +83,28 @@ def run_calibrator(cfg: RunConfig, pairs: pa.Table) -> Calibrator:
     return Calibrator(names, np.zeros(len(names)), 0.0, np.zeros(len(names)), np.ones(len(names)), False)
 
 
+# A refit needs this many labels of each kind (correct, wrong): with the folds below, every training fold
+# then holds both kinds (the project's own rule: one of each kind per fold).
+MIN_PER_KIND = N_FOLDS
+
+
 def _folds(strata: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray:
-    """Fold per pair: within each (stratum, verdict) cell, a seeded round-robin over a shuffle."""
+    """Fold per pair: for each verdict, one round-robin over its pairs ordered by stratum (shuffled within
+    a stratum, seeded), so each fold gets a share of every stratum and a verdict with n ≥ N_FOLDS labels
+    is in every fold (a round-robin restarted per stratum put two lone wrong labels in the same fold)."""
     rng = np.random.default_rng(seed)
     fold = np.empty(len(y), dtype=np.int64)
-    for cell in sorted(set(zip(strata.tolist(), y.tolist(), strict=True))):
-        idx = np.flatnonzero((strata == cell[0]) & (y == cell[1]))
-        fold[rng.permutation(idx)] = np.arange(idx.size) % N_FOLDS
+    for verdict in sorted(set(y.tolist())):
+        idx = np.flatnonzero(y == verdict)
+        idx = idx[np.lexsort((rng.random(idx.size), strata[idx]))]
+        fold[idx] = np.arange(idx.size) % N_FOLDS
     return fold
+
+
+def refit_needs(y: np.ndarray) -> dict[str, int]:
+    """How many more labels of each kind a refit needs (0 each: it can be fitted)."""
+    n_correct = int(np.sum(y == 1))
+    return {"correct": max(0, MIN_PER_KIND - n_correct), "wrong": max(0, MIN_PER_KIND - (len(y) - n_correct))}
 
 
 def _log_loss(p: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
@@ -99,7 +119,7 @@ def platt(score: np.ndarray, y: np.ndarray, w: np.ndarray, iters: int = 50) -> t
     theta = np.array([1.0, 0.0])
     sw = w / w.mean()
     for _ in range(iters):
-        p = 1.0 / (1.0 + np.exp(-(x @ theta)))
+        p = sigmoid(x @ theta)
         grad = x.T @ (sw * (p - y)) / len(y) + 1e-4 * theta
         hess = (x * (sw * p * (1 - p))[:, None]).T @ x / len(y) + 1e-4 * np.eye(2)
         step = np.linalg.solve(hess, grad)
@@ -206,36 +226,61 @@ def fit_audit(db_path: str | Path, pairs_dir: str | Path, out_dir: str | Path, s
     w = np.asarray([1.0 / items[i].inclusion_prob for i in labelled], dtype=np.float64)
     stratum = np.asarray([items[i].stratum for i in labelled], dtype=np.int64)
     before = np.asarray([items[i].reliability for i in labelled], dtype=np.float64)
-    if len(labelled) < 2 * N_FOLDS or y.min() == y.max():
-        raise AuditError(
-            f"{len(labelled)} correct/wrong labels ({int(y.sum())} correct): a refit needs at least "
-            f"{2 * N_FOLDS} with both kinds; label more pairs"
-        )
-
-    base = run_calibrator(src.config, pairs)
-    matches = matches_from_pairs(rows)
-    oof, chosen, losses = cross_validated(matches, y, w, stratum, base, seed)
     ece_before, bins_before = expected_calibration_error(before, y, ECE_BINS, weights=w)
-    ece_after, bins_after = expected_calibration_error(oof, y, ECE_BINS, weights=w)
-    refit = _fit_candidate(chosen, base, matches, y, w)
-    refit.model_fingerprint = src.config.fingerprints.get("clip_model")
-    refit.fit_info |= {
-        "kind": "audit",
-        "audit_db": str(Path(db_path).resolve()),
-        "run_id": src.run_id,
-        "n_labels": len(labelled),
-        "refit": chosen,
-        "cv_log_loss": {k: round(v, 6) for k, v in losses.items()},
-        "cv_ece": _figure(ece_after),
-        "fitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
     out.mkdir(parents=True, exist_ok=True)
-    cal_path = refit.save(out / "rsm-calibrator.json")
+    needs = refit_needs(y)
+    n_correct = int(y.sum())
+    counts = f"{len(labelled)} correct/wrong labels ({n_correct} correct, {len(labelled) - n_correct} wrong)"
+    calibrator, ece_after, bins_after, skipped = None, None, None, None
+    if any(needs.values()):
+        more = " and ".join(f"{n} more {kind}" for kind, n in needs.items() if n)
+        skipped = {
+            "why": f"{counts}: a refit is cross-validated in {N_FOLDS} folds and needs at least "
+            f"{MIN_PER_KIND} labels of each kind; label {more} pairs (the noise rates above need no refit)",
+            "needs_more": needs,
+        }
+    else:
+        base = run_calibrator(src.config, pairs)
+        matches = matches_from_pairs(rows)
+        oof, chosen, losses = cross_validated(matches, y, w, stratum, base, seed)
+        ece_after, bins_after = expected_calibration_error(oof, y, ECE_BINS, weights=w)
+        refit = _fit_candidate(chosen, base, matches, y, w)
+        refit.model_fingerprint = src.config.fingerprints.get("clip_model")
+        if refit.reference is None:  # Platt: its fitting data are the audited pairs too
+            refit.reference = _reference(matches, refit.features, y, w)
+        # What it was fitted on, read back by qa.verdict (a report on this run says its figures are in-sample)
+        refit.fit_info |= {
+            "kind": "audit",
+            "audit_db": str(Path(db_path).resolve()),
+            "run_id": src.run_id,
+            "pairs_dir": str(Path(pairs_dir).resolve()),
+            "labels": len(labelled),
+            "labels_by_kind": {"correct": n_correct, "wrong": len(labelled) - n_correct},
+            "n_pairs": len(labelled),
+            "n_labels": len(labelled),
+            "refit": chosen,
+            "cv_log_loss": {k: round(v, 6) for k, v in losses.items()},
+            "cv_ece": _figure(ece_after),
+            "fitted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        cal_path = refit.save(out / "rsm-calibrator.json")
+        calibrator = {
+            "path": str(cal_path.resolve()),
+            "features": list(refit.features),
+            "refit": chosen,
+            "cv_log_loss": {k: round(v, 6) for k, v in losses.items()},
+            "base_calibrated": base.calibrated,
+            "fitted_on": {"run_id": src.run_id, "labels": len(labelled), "pairs": len(labelled)},
+            "load_with": f"python -m flows.mine_rsm ... --calibrator {cal_path}",
+        }
+    from qa.plots import plot_reliability_before_after  # matplotlib: only when a figure is drawn
+
     plot_reliability_before_after(
         (bins_before, _figure(ece_before)),
-        (bins_after, _figure(ece_after)),
+        (bins_after, _figure(ece_after)) if bins_after is not None else ([], None),
         out / "reliability.png",
-        f"{len(labelled)} audited pairs, weighted by 1/π; right: {N_FOLDS}-fold out-of-fold predictions",
+        f"{len(labelled)} audited pairs, weighted by 1/π; right: {N_FOLDS}-fold out-of-fold predictions"
+        + ("" if skipped is None else " (no refit: too few labels)"),
     )
     audit = {
         "version": AUDIT_VERSION,
@@ -250,14 +295,8 @@ def fit_audit(db_path: str | Path, pairs_dir: str | Path, out_dir: str | Path, s
         "ece_after": _figure(ece_after),
         "ece_method": f"{ECE_BINS} equal-width bins, 1/π-weighted, on the labelled pairs; after: "
         f"{N_FOLDS}-fold out-of-fold",
-        "calibrator": {
-            "path": str(cal_path.resolve()),
-            "features": list(refit.features),
-            "refit": chosen,
-            "cv_log_loss": {k: round(v, 6) for k, v in losses.items()},
-            "base_calibrated": base.calibrated,
-            "load_with": f"python -m flows.mine_rsm ... --calibrator {cal_path}",
-        },
+        "calibrator": calibrator,
+        "refit_skipped": skipped,
         "annotators": people,
         "reliability_png": "reliability.png",
     }
@@ -265,6 +304,15 @@ def fit_audit(db_path: str | Path, pairs_dir: str | Path, out_dir: str | Path, s
     tmp.write_text(json.dumps(audit, indent=2))
     tmp.replace(out / AUDIT_FILE)
     return audit
+
+
+def _reference(matches, names: tuple[str, ...], y: np.ndarray, w: np.ndarray) -> dict:
+    x = feature_matrix(matches, names)
+    return {
+        "x": [[float(f"{v:.5g}") for v in row] for row in x],
+        "correct": [int(v) for v in y],
+        "weight": [round(float(v), 5) for v in w],
+    }
 
 
 def _round_figures(value):

@@ -213,8 +213,9 @@ def test_the_cli_rerun_of_a_finished_run_says_so_in_plain_figures(reference, par
 def test_changed_config_is_refused_with_a_clear_message(reference, params, capsys):
     out, _ = reference
     before = snapshot(out)
-    with pytest.raises(RunConflictError, match=r"CONFIG changed \(keys \['rsm.crop_mode'\]\)"):
-        mine_rsm(out=str(out), **params, crop_mode="mask")
+    # The flow (a deployment's run) refuses in its preflight, before any task, naming old and new value
+    state = mine_rsm(out=str(out), **params, crop_mode="mask", return_state=True)
+    assert state.is_failed() and "rsm.crop_mode 'box' -> 'mask'" in state.message
     argv = ["--manifest", params["manifest"], "--out", str(out), "--clip-model", params["clip_model"]]
     rc = main([*argv, "--shard-size", str(SHARD_SIZE), "--match-mode", "clip", "--no-prefect"])
     err = capsys.readouterr().err
@@ -287,3 +288,34 @@ def test_a_deployment_with_bad_parameters_fails_with_every_problem_in_its_state(
     assert logged == [state.message]  # one line, streamed to --watch (PREFECT_SERVER_LOGS_STREAM_*)
     assert not any(r.exc_info for r in caplog.records if r.levelno >= logging.ERROR)  # no traceback
     assert not (tmp_path / "o").exists()
+
+
+def test_no_prefect_mining_prints_progress_lines_and_the_caption_vocabulary(
+    ray_local, params, tmp_path, capsys
+):
+    """The user's `--no-prefect --qa-out` run was silent for 27.7 s: now a line per phase (Ray, workers,
+    the fan-out with its shard count) and per committed shard (done/total), then the QA report's own lines,
+    and the summary names the caption words outside the CLIP's vocabulary."""
+    import pyarrow.parquet as pq
+
+    from qa.domain import clip_vocabulary, vocabulary_coverage
+
+    out = tmp_path / "shards"
+    argv = ["--manifest", params["manifest"], "--out", str(out), "--clip-model", params["clip_model"]]
+    rc = main([*argv, "--shard-size", str(SHARD_SIZE), "--no-prefect", "--qa-out", str(tmp_path / "qa")])
+    assert rc == 0
+    printed = capsys.readouterr()
+    # What the terminal shows (not what a log capture sees: the lines once went to no handler at all)
+    lines = [line.split(" INFO ", 1)[1] for line in printed.err.splitlines() if " INFO " in line]
+    n_shards = len(read_run_manifest(out)["shards"])
+    ready = next(k for k, line in enumerate(lines) if "worker(s) ready; mining" in line)
+    assert f"mining {n_shards} shard(s) (0/{n_shards} committed so far)" in lines[ready]
+    per_shard = [line for line in lines[ready:] if line.startswith("shard ") and " committed (" in line]
+    assert [line.rsplit("; ", 1)[1] for line in per_shard] == [
+        f"{k}/{n_shards} shards" for k in range(1, n_shards + 1)
+    ]
+    assert any(line.startswith("writing the QA report into") for line in lines[ready:])
+    assert "qa.report [" in printed.err  # the report's own progress lines
+    captions = pq.read_table(params["manifest"], columns=["caption"])["caption"].to_pylist()
+    expected = vocabulary_coverage(captions, clip_vocabulary(params["clip_model"]))["why"]
+    assert f"caption vocabulary: {expected}" in printed.out

@@ -127,3 +127,70 @@ def test_the_flow_driver_starts_without_torch_spacy_or_matplotlib():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_a_changed_config_on_an_existing_out_is_refused_in_the_preflight_once_with_old_and_new_values(
+    tiny_dataset, tiny_clip_dir, tmp_path, monkeypatch, capsys
+):
+    """The user's run: a changed --match-mode was refused only after 22 s (after Prefect started), printed
+    4 times, without the values; a changed --crop-mode blamed the bank instead. Now: before Prefect or Ray,
+    one line naming each changed key with its old and new value."""
+    import json
+    import shutil
+    import time
+
+    import ray
+
+    import flows.mine_rsm as mine
+    from miners.bank import main as bank_main
+    from miners.run_config import run_config_for
+    from storage.plan import plan_shards
+    from storage.shards import begin_run
+
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, clip)
+    manifest = str(tiny_dataset / "manifest.parquet")
+    assert (
+        bank_main(["--manifest", manifest, "--clip-model", str(clip), "--split", "", "--per-part", "4"]) == 0
+    )
+    out = tmp_path / "run"
+    opts = build_options(params_from(manifest=manifest, out=str(out), clip_model=str(clip), shard_size=4))
+    begin_run(out, plan_shards(manifest, 4, run_config_for(opts.config).to_dict()))  # a box-mode run
+    run_file = (out / "_run.json").read_text()
+    capsys.readouterr()
+
+    def must_not_start(*_args, **_kwargs):
+        raise AssertionError("a service started before the preflight refused")
+
+    monkeypatch.setattr(mine.TemporaryPrefectServer, "begin", must_not_start)
+    monkeypatch.setattr(mine, "ray_session", must_not_start)
+    argv = ["--manifest", manifest, "--out", str(out), "--clip-model", str(clip), "--shard-size", "4"]
+    cpu0 = time.process_time()
+    rc = mine.main([*argv, "--crop-mode", "mask", "--match-mode", "clip"])  # the Prefect path
+    cpu_s = time.process_time() - cpu0
+    printed = capsys.readouterr()
+    assert rc == 2 and printed.out == ""
+    (line,) = printed.err.strip().splitlines()  # once
+    assert line.startswith("error: 1 problem before mining:")
+    assert "rsm.crop_mode 'box' -> 'mask'" in line and "rsm.match.mode 'combined' -> 'clip'" in line
+    assert f"{out} holds run" in line and "new --out folder" in line
+    assert "miners.bank" not in line and "cp -r" not in line  # the bank is not blamed, nothing to rebuild
+    assert not ray.is_initialized() and (out / "_run.json").read_text() == run_file
+    assert cpu_s < 5.0  # a few file reads and one model hash (Prefect's start alone took 22 s wall)
+    # The same settings resume: no refusal from the preflight
+    build_options(params_from(manifest=manifest, out=str(out), clip_model=str(clip), shard_size=4))
+    with pytest.raises(PreflightError, match=r"shard_size 4 -> 8"):
+        build_options(params_from(manifest=manifest, out=str(out), clip_model=str(clip), shard_size=8))
+
+    # A fresh --out with --crop-mode mask and this box-mode bank: the bank is the problem. The fix mines
+    # from a copy of the model folder, never rebuilds the bank other runs read, and its command is quoted.
+    with pytest.raises(PreflightError) as info:
+        build_options(
+            params_from(manifest=manifest, out=str(tmp_path / "o2"), clip_model=str(clip), crop_mode="mask")
+        )
+    (problem,) = info.value.problems
+    assert problem.count("`") == 2 and "MANIFEST: the manifest" in problem and " M " not in problem
+    command = problem.split("`")[1]
+    assert command.startswith(f"cp -r {clip} {clip}-mask && python -m miners.bank")
+    assert f"--clip-model {clip}-mask --crop-mode mask" in command and f"--clip-model {clip} " not in command
+    assert json.loads((clip / "rsm-bank.json").read_text())["crop_mode"] == "box"

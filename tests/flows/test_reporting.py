@@ -88,3 +88,38 @@ def test_a_run_that_mined_nothing_says_so_in_the_artifact_and_the_flow_log():
     records.clear()
     LogReporter(log).on_summary(_summary())
     assert any("12.5 images/s" in r for r in records)
+
+
+def test_the_run_summary_names_the_caption_words_the_clip_does_not_know(
+    tiny_dataset, tiny_clip_dir, tmp_path
+):
+    """The user's run: 5 of 45 distinct caption words became [UNK] in the tiny CLIP with no word said."""
+    import json
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from flows.reporting import run_vocabulary, vocabulary_line
+    from storage.plan import plan_shards
+
+    manifest = tiny_dataset / "manifest.parquet"
+    plan = plan_shards(manifest, 8, {"any": "config"})
+    captions = pq.read_table(manifest, columns=["caption"])["caption"].to_pylist()
+    words = {w for c in captions for w in c.lower().replace(".", " ").replace(",", " ").split()}
+    clip = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, clip)
+    tok = json.loads((clip / "tokenizer.json").read_text())
+    dropped = sorted(w for w in tok["model"]["vocab"] if w in words)[:2]
+    for w in dropped:  # two of the captions' words the CLIP no longer knows
+        del tok["model"]["vocab"][w]
+    (clip / "tokenizer.json").write_text(json.dumps(tok))
+    vocab = run_vocabulary(plan, str(clip))
+    assert vocab["unknown_distinct"] >= 2 and set(dropped) <= set(vocab["unknown_words"])
+    assert vocab["captions_read"] == vocab["captions"] == len(captions)
+    line = vocabulary_line({"vocabulary": vocab})
+    assert all(w in line for w in dropped) and "distinct caption words are in the CLIP's vocabulary" in line
+    assert "caption vocabulary" in summary_markdown(_summary(vocabulary=vocab)) and dropped[
+        0
+    ] in summary_markdown(_summary(vocabulary=vocab))
+    capped = run_vocabulary(plan, str(clip), max_captions=3)
+    assert capped["captions_read"] == 3 and "of the first 3 of" in vocabulary_line({"vocabulary": capped})

@@ -51,7 +51,7 @@ def test_the_bank_is_deterministic_and_counts_each_part(banked_clip, tiny_datase
 def test_the_bank_refuses_another_model_another_crop_mode_and_damage(banked_clip, tmp_path):
     with pytest.raises(BankError, match="built with CLIP model"):
         ReferenceBank.load(banked_clip, expect_fingerprint="0" * 16)
-    with pytest.raises(BankError, match="crop mode 'box', not 'mask'.*--crop-mode mask"):
+    with pytest.raises(BankError, match="--crop-mode 'box', not 'mask'.*--crop-mode mask"):
         ReferenceBank.load(banked_clip, crop_mode="mask")
     damaged = tmp_path / "damaged"
     shutil.copytree(banked_clip, damaged)

@@ -274,3 +274,32 @@ def test_check_non_null_on_frames():
     )
     result = check_non_null(pairs, status)
     assert not result.passed and result.details["by_column"] == {"status.sample_id": 1, "status.status": 1}
+
+
+def test_the_imports_rejects_are_in_the_accounting_and_the_reasons(tiny_run, tiny_dataset, tmp_path):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from storage.manifest import REJECTS_SCHEMA
+
+    manifest = tmp_path / "manifest.parquet"
+    shutil.copyfile(tiny_dataset / "manifest.parquet", manifest)
+    reasons = ["missing_image"] * 3 + ["empty_caption"] * 2
+    rows = [
+        {"record_index": k, "caption_index": 0, "image_path": None, "reason": r, "message": "x"}
+        for k, r in enumerate(reasons)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows, schema=REJECTS_SCHEMA), tmp_path / "manifest.rejects.parquet")
+    report = run_checks(tiny_run, manifest)
+    details = report.details()
+    n = details["status_accounting"]["manifest_rows"]
+    assert details["status_accounting"]["import_rejected"] == 5
+    assert (
+        f"dataset rows {n + 5} = manifest {n} + rejected at import 5"
+        in report.results[[r.name for r in report.results].index("status_accounting")].summary
+    )
+    assert details["error_reasons"]["import_by_reason"] == {"missing_image": 3, "empty_caption": 2}
+    summary = report.results[[r.name for r in report.results].index("error_reasons")].summary
+    assert "5 at import: missing_image 3, empty_caption 2" in summary

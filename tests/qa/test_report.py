@@ -298,12 +298,14 @@ def mined_run(tiny_run) -> Path:
 def test_a_failed_report_leaves_nothing_and_a_finished_one_keeps_its_neighbours(
     tiny_run, tmp_path, monkeypatch
 ):
+    import qa.inject
     import qa.report as report_module
 
     def broken_injection(*args, **kwargs):
         raise RuntimeError("injection broke after the plots were drawn")
 
-    monkeypatch.setattr(report_module, "run_injection", broken_injection)
+    # qa.report imports the injection check where it runs it (not at the top: --help stays light)
+    monkeypatch.setattr(qa.inject, "run_injection", broken_injection)
     out = tmp_path / "qa"
     with pytest.raises(RuntimeError, match="after the plots"):
         report_module.build_report(tiny_run, out, sheet_samples=0, inject_noise=0.2)
@@ -315,3 +317,30 @@ def test_a_failed_report_leaves_nothing_and_a_finished_one_keeps_its_neighbours(
     assert (out / "qa.json").is_file() and (out / "report.html").is_file()
     assert (out / "rounds" / "round-0" / "qa.json").read_text() == "{}"
     assert [p.name for p in tmp_path.iterdir()] == ["qa"]
+
+
+def test_a_mixture_that_did_not_converge_is_shown_as_na_with_the_reason(tmp_path, monkeypatch):
+    """The user's run: EM stopped at its iteration cap, yet the report showed its noise as a figure."""
+    import functools
+
+    import qa.noise
+    from qa.mixture import fit_mixture
+
+    out, _ = make_known_run(tmp_path)
+    monkeypatch.setattr(qa.noise, "fit_mixture", functools.partial(fit_mixture, max_iter=2))
+    qa = build_report(out, tmp_path / "qa", sheet_samples=0, seed=1)
+    assert qa["mixture"]["converged"] is False and qa["mixture"]["n_iter"] == 2
+    assert qa["noise_rate_mixture"] is None and qa["noise_rate_mixture_all_pairs"] is None
+    why = "the gaussian mixture did not converge: EM stopped at its cap of 2 iterations"
+    assert qa["noise_rate_mixture_why_na"] == why
+    assert qa["mixture_check"]["status"] == "not_converged"
+    assert all(
+        r["noise_rate_mixture"] is None for r in qa["breakdowns"]["region_label"] if "noise_rate_mixture" in r
+    )
+    on_disk = json.loads((tmp_path / "qa" / "qa.json").read_text())
+    assert on_disk["noise_rate_mixture"] is None and on_disk["mixture_check"]["why"].startswith(why)
+    md = (tmp_path / "qa" / "report.md").read_text()
+    row = next(
+        line for line in md.splitlines() if line.startswith("| estimated noise of kept pairs: 2-component")
+    )
+    assert f"n/a: {why}" in row and row.rstrip(" |").endswith("n/a")

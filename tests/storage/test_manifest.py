@@ -640,3 +640,20 @@ def test_a_field_hint_never_sends_the_user_to_a_format_whose_file_is_not_there(t
     assert "try --format cuhk-pedes" in err  # still offered, but with the file rename it needs
     assert "if they are rstpreid records, rename their fields to rstpreid's" in err
     assert "rename it to reid_raw.json and try --format cuhk-pedes" in err
+
+
+def test_rejects_are_listed_once_with_their_caption_index_and_read_back_by_reason(tmp_path, capsys):
+    from storage.manifest import read_import_rejects
+
+    records = [rec(i + 1, f"p{i}.png", ["A man in a red coat.", "He walks."]) for i in range(4)]
+    records[0]["captions"] = ["A man.", ""]  # one caption of a record rejected
+    records.append(rec(9, "missing.png", ["A woman.", "She runs."]))  # a whole record's image missing
+    root = make_dataset(tmp_path / "ds", "cuhk-pedes", records, images=[f"p{i}.png" for i in range(4)])
+    out = tmp_path / "m.parquet"
+    assert main(["--format", "cuhk-pedes", "--root", str(root), "--out", str(out), "--allow-rejects"]) == 0
+    listed = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("  [")]
+    assert len(listed) == len(set(listed)), listed  # each reject once
+    assert any("record 0, caption 1:" in ln for ln in listed), listed
+    rejects = read_import_rejects(out)
+    assert rejects["rows"] == len(listed) == 3 and sum(rejects["by_reason"].values()) == 3
+    assert read_import_rejects(tmp_path / "elsewhere.parquet") is None

@@ -248,6 +248,8 @@ def test_changed_config_or_manifest_is_refused(tmp_path: Path, run: tuple[Path, 
     with pytest.raises(RunConflictError, match="CONFIG changed") as info:
         begin_run(out, new_config)
     assert "clip.temperature" in str(info.value) and "MANIFEST" not in str(info.value)
+    old_t = CONFIG["clip"]["temperature"]
+    assert f"clip.temperature {old_t!r} -> 0.1" in str(info.value)  # the old and the new value
     assert "new --out" in str(info.value)
 
     new_manifest = plan_shards(
