@@ -43,8 +43,10 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where a checkpoint is read: `--help` answers without it
+    import torch
 
 DEFAULT_IMAGE_SIZE_HW = (384, 128)
 # OpenAI's build_model derives the head count from the width; the shapes cannot tell it
@@ -68,6 +70,8 @@ class ConversionError(ValueError):
 def load_openai_state_dict(pt: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: a plain state dict through `torch.load(weights_only=True)`, else a
     TorchScript archive's `state_dict()`."""
+    import torch
+
     try:
         with warnings.catch_warnings():  # on a TorchScript archive it warns, then refuses weights_only
             warnings.simplefilter("ignore", UserWarning)

@@ -18,14 +18,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "transformers", "spacy", "prefect", "ray", "matplotlib", "fastapi", "uvicorn")
 
-# Commands whose files are edited elsewhere (miners/training/*, miners/train_rogle.py): their --help still
-# imports torch and spaCy at the top (2.3–2.7 s unloaded); they XPASS once their imports move.
-ELSEWHERE = {
-    "miners.training.bootstrap",
-    "miners.training.fit_calibrator",
-    "miners.training.rogle",
-    "miners.train_rogle",
-}
 # Not a user command (the caption splitter's debug CLI): spaCy is what it runs.
 NOT_COMMANDS = {"miners.captions"}
 SUBCOMMANDS = {"qa.audit": ("sample", "serve", "fit", "label", "export", "import")}
@@ -60,13 +52,8 @@ def commands() -> list[str]:
 def _cases() -> list:
     cases = []
     for module in commands():
-        marks = (
-            [pytest.mark.xfail(reason="edited elsewhere; imports torch/spaCy at the top", strict=False)]
-            if module in ELSEWHERE
-            else []
-        )
         for sub in ((),) + tuple((s,) for s in SUBCOMMANDS.get(module, ())):
-            cases.append(pytest.param(module, sub, marks=marks, id=" ".join((module, *sub))))
+            cases.append(pytest.param(module, sub, id=" ".join((module, *sub))))
     return cases
 
 

@@ -26,9 +26,6 @@ import pyarrow.parquet as pq
 from miners.bank import BANK_ARRAYS, BANK_META
 from miners.calibration import CALIBRATOR_FILENAME
 from miners.training.config import TrainConfig, training_settings
-from miners.training.data import build_clip_data
-from miners.training.tiny_clip import TinyClipConfig, build_model, build_processor, build_tokenizer
-from miners.training.trainer import Trainer
 
 
 def manifest_fingerprint(path: Path) -> str:
@@ -64,6 +61,11 @@ COMPANIONS = (BANK_META, BANK_ARRAYS, CALIBRATOR_FILENAME)
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # the model code is imported once the arguments are read: `--help` answers without torch
+    from miners.training.data import build_clip_data
+    from miners.training.tiny_clip import TinyClipConfig, build_model, build_processor, build_tokenizer
+    from miners.training.trainer import Trainer
+
     if not args.manifest.is_file():
         print(f"error: manifest {args.manifest} does not exist")
         return 2

@@ -22,12 +22,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from miners.calibration import CALIBRATOR_FILENAME, default_calibrator, fit_calibrator
-from miners.caption_noise import (
-    NoiseUnavailable,
-    attribute_perturbations,
-    locate_injected,
-    swap_perturbations,
-)
 from miners.matching import MatchConfig
 from miners.metrics import expected_calibration_error
 from miners.rsm import RSMConfig, RSMMiner, matches_from_pairs
@@ -67,6 +61,13 @@ def noisy_pairs(
     (miners.caption_noise: another person's same-part unit swapped in, or a colour / garment word the
     person does not wear where the dataset has the synthetic identity file), re-mined in their
     captions and found by span. Returns (their pairs or None, what was made per mode)."""
+    # here, not at the top: the caption splitter imports spaCy and torch, which `--help` need not wait for
+    from miners.caption_noise import (
+        NoiseUnavailable,
+        attribute_perturbations,
+        locate_injected,
+        swap_perturbations,
+    )
 
     clean_df, rows_df = pl.from_arrow(clean), pl.from_arrow(table)
     n_target = round(fraction * clean_df.height / max(1, len(modes)))
