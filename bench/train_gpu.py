@@ -5,6 +5,7 @@ the weights' values) and synthetic batches; produces a JSON report (`--out`, def
 and, with `--results FILE`, a dated section appended to that Markdown file.
 
     python bench/train_gpu.py [--tiny] [--method irra] [--preset irra-b16] [--batch-sizes 64 128] [--steps 10]
+                              [--world-sizes 1 2 4]
                               [--local-pairs 2] [--out bench/train_gpu.json] [--results bench/RESULTS.md]
 
 Modes. real (where CUDA is available): CLIP ViT-B/16 with OpenAI's shapes (vision 768 x 12 layers, patch
@@ -19,6 +20,11 @@ irra-b16` (the defaults): SDM + ID + MLM (IRRA's fusion), IRRA's image augmentat
 ROGLE's local branch on K region–sentence pairs per caption (sentences of 14 tokens, random boxes).
 Captions come 2 per person, so the identity-aware losses see positives. The token ids are random: a
 tokenizer is not needed to time a step, and the processor is a stand-in holding CLIP's normalisation.
+Several processes (`--world-sizes 1 2 4`): each size above 1 runs this script again under `torchrun
+--standalone` (one GPU per process; gloo processes on a CPU, one thread each), the global batch split over
+the processes as `train_rogle` does; the table gives samples/s in all and per process, and the speed-up and
+efficiency against one process at the same global batch. A size larger than the machine's GPU count is
+skipped and said so.
 Timing: `--warmup` steps (allocator, cuDNN autotuning) are run first and not counted; then `--steps` steps
 between two CUDA synchronisations. Peak memory: torch.cuda.max_memory_allocated over the timed steps (GPU),
 or the process's peak RSS (CPU).
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import sys
@@ -125,9 +132,9 @@ def synthetic_data(n: int, size_hw, vocab: int, local_pairs: int, seed: int = 0)
     )
 
 
-def measure(model, processor, cfg, data: ClipData, warmup: int, steps: int, device) -> dict:
+def measure(model, processor, cfg, data: ClipData, warmup: int, steps: int, device, dist=None) -> dict:
     with tempfile.TemporaryDirectory() as run_dir:
-        trainer = Trainer(model, processor, cfg, run_dir)
+        trainer = Trainer(model, processor, cfg, run_dir, dist=dist)
         trainer.prepare(data, total_steps=warmup + steps)
         params = trainer.trainable_parameters()
         use_amp = cfg.amp and device.type == "cuda"
@@ -150,15 +157,93 @@ def measure(model, processor, cfg, data: ClipData, warmup: int, steps: int, devi
             if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         )
+    world = dist.world_size if dist else 1
     return {
+        "world_size": world,
         "batch_size": cfg.batch_size,
+        "per_process_batch": cfg.batch_size // world,
         "steps": steps,
         "seconds": round(seconds, 3),
         "steps_per_s": round(steps / seconds, 3),
         "samples_per_s": round(steps * cfg.batch_size / seconds, 1),
+        "samples_per_s_per_process": round(steps * cfg.batch_size / seconds / world, 1),
         "peak_memory_mib": round(peak_mib, 1),
         "losses": sorted(k for k in logs if k.startswith("loss")),
     }
+
+
+def _time_batches(args, tiny: bool, batch_sizes: list[int], device, dist) -> list[dict]:
+    model, processor, size_hw, vocab = build_clip(tiny)
+    rows = []
+    for bs in batch_sizes:
+        flags = {"batch_size": bs, "device": str(device), "log_every_steps": 0, "method": args.method}
+        flags["local"] = "rsm" if args.local_pairs else "none"
+        cfg, _ = resolve_config(args.preset, None, flags)
+        data = synthetic_data(max(2 * bs, 4), size_hw, vocab, args.local_pairs)
+        model_copy = build_clip(tiny)[0] if rows else model  # each batch size from the same start
+        row = measure(model_copy, processor, cfg, data, args.warmup, args.steps, device, dist)
+        if dist is None or dist.is_main:
+            print(
+                f"{row['world_size']} process(es), batch {bs}: {row['steps_per_s']:.2f} steps/s, "
+                f"{row['samples_per_s']:.1f} samples/s ({row['samples_per_s_per_process']:.1f} per process), "
+                f"peak {row['peak_memory_mib']:.0f} MiB ({', '.join(row['losses'])})",
+                flush=True,
+            )
+        rows.append(row)
+        del model_copy
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _worker(args, tiny: bool, batch_sizes: list[int]) -> int:
+    from miners.training.distributed import init_from_env, process_device, shutdown
+
+    info = init_from_env("cpu" if tiny else "auto")
+    try:
+        device = torch.device(process_device(info, "cpu" if tiny else "cuda"))
+        rows = _time_batches(args, tiny, batch_sizes, device, info)
+        if info.is_main:
+            args.worker_out.write_text(json.dumps(rows))
+    finally:
+        shutdown()
+    return 0
+
+
+def _launch(world: int, argv: list[str], tiny: bool) -> list[dict]:
+    """This script again under torchrun with `world` processes; their rank 0's rows."""
+    import subprocess
+
+    if not tiny and torch.cuda.device_count() < world:
+        print(f"{world} processes: skipped, this machine has {torch.cuda.device_count()} GPU(s)", flush=True)
+        return []
+    keep, skip = [], False
+    for word in argv:  # the same settings, without the world sizes
+        if word == "--world-sizes":
+            skip = True
+            continue
+        if skip and word.isdigit():
+            continue
+        skip = False
+        keep.append(word)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.json"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               str(Path(__file__).resolve()), *keep, "--worker-out", str(out)]  # fmt: skip
+        env = dict(os.environ)
+        if tiny:  # processes sharing the CPU cores: one thread each (torchrun's own default)
+            env.setdefault("OMP_NUM_THREADS", "1")
+        subprocess.run(cmd, check=True, env=env)
+        return json.loads(out.read_text())
+
+
+def _scaling(rows: list[dict]) -> None:
+    """Per row: samples/s relative to one process at the same global batch, and that over the processes."""
+    single = {r["batch_size"]: r["samples_per_s"] for r in rows if r["world_size"] == 1}
+    for r in rows:
+        base = single.get(r["batch_size"])
+        r["speedup_vs_1"] = round(r["samples_per_s"] / base, 3) if base else None
+        r["scaling_efficiency"] = round(r["samples_per_s"] / base / r["world_size"], 3) if base else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,28 +259,28 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "train_gpu.json")
     ap.add_argument("--results", type=Path, help="append a dated section to this Markdown file")
+    ap.add_argument(
+        "--world-sizes",
+        type=int,
+        nargs="+",
+        default=[1],
+        help="processes to time, e.g. 1 2 4 (each > 1 through torchrun: one GPU each, or gloo on a CPU)",
+    )
+    ap.add_argument("--worker-out", type=Path, help=argparse.SUPPRESS)  # set for the torchrun workers
     args = ap.parse_args(argv)
     tiny = args.tiny or not torch.cuda.is_available()
-    device = torch.device("cpu" if tiny else "cuda")
     batch_sizes = args.batch_sizes or ([8, 16] if tiny else [64, 128])
-    model, processor, size_hw, vocab = build_clip(tiny)
+    if args.worker_out is not None:  # one of the torchrun processes: time, rank 0 writes its rows
+        return _worker(args, tiny, batch_sizes)
+    device = torch.device("cpu" if tiny else "cuda")
+    size_hw = (64, 32) if tiny else (384, 128)
     rows = []
-    for bs in batch_sizes:
-        flags = {"batch_size": bs, "device": str(device), "log_every_steps": 0, "method": args.method}
-        flags["local"] = "rsm" if args.local_pairs else "none"
-        cfg, _ = resolve_config(args.preset, None, flags)
-        data = synthetic_data(max(2 * bs, 4), size_hw, vocab, args.local_pairs)
-        model_copy = build_clip(tiny)[0] if rows else model  # each batch size from the same start
-        row = measure(model_copy, processor, cfg, data, args.warmup, args.steps, device)
-        print(
-            f"batch {bs}: {row['steps_per_s']:.2f} steps/s, {row['samples_per_s']:.1f} samples/s, "
-            f"peak {row['peak_memory_mib']:.0f} MiB ({', '.join(row['losses'])})",
-            flush=True,
-        )
-        rows.append(row)
-        del model_copy
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    for world in args.world_sizes:
+        if world > 1:
+            rows += _launch(world, argv if argv is not None else sys.argv[1:], tiny)
+        else:
+            rows += _time_batches(args, tiny, batch_sizes, device, None)
+    _scaling(rows)
     report = {
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),
         "mode": "tiny" if tiny else "real",
@@ -208,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         "image_size_hw": list(size_hw),
         "local_pairs_per_caption": args.local_pairs,
         "amp": "bf16 autocast" if device.type == "cuda" else "fp32",
-        "world_size": 1,
+        "world_sizes": sorted({r["world_size"] for r in rows}),
         "command": "python bench/train_gpu.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "rows": rows,
     }
@@ -216,15 +301,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.results:
         lines = [
             f"\n## Training throughput ({report['mode']}), {report['date']}\n",
-            f"Machine: {report['device']}, torch {report['torch']}, {report['amp']}, 1 process. "
+            f"Machine: {report['device']}, torch {report['torch']}, {report['amp']}, "
+            f"{'/'.join(str(w) for w in report['world_sizes'])} process(es). "
             f"Command: `{report['command']}`. Method {args.method}, preset {args.preset}, {size_hw[0]}x{size_hw[1]} px, "
             f"{args.local_pairs} local pairs per caption; {args.steps} timed steps after {args.warmup}.\n",
-            "| batch | steps/s | samples/s | peak memory (MiB) | losses |",
-            "| --- | --- | --- | --- | --- |",
+            "| processes | global batch | steps/s | samples/s | samples/s per process | speed-up vs 1 | "
+            "efficiency | peak memory per process (MiB) | losses |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         lines += [
-            f"| {r['batch_size']} | {r['steps_per_s']} | {r['samples_per_s']} | {r['peak_memory_mib']} | "
-            f"{', '.join(r['losses'])} |"
+            f"| {r['world_size']} | {r['batch_size']} | {r['steps_per_s']} | {r['samples_per_s']} | "
+            f"{r['samples_per_s_per_process']} | {r['speedup_vs_1']} | {r['scaling_efficiency']} | "
+            f"{r['peak_memory_mib']} | {', '.join(r['losses'])} |"
             for r in rows
         ]
         with args.results.open("a") as fh:
