@@ -183,6 +183,7 @@ def refine(args, rsm, init: Path, manifest_path: Path, pairs, calib_manifest: Pa
         seed=args.seed,
         device=args.device,
         warmup_fraction=0.1,
+        weight_decay_exempt=False,  # decay on every parameter, as this fine-tune was measured with
     )
     objective = RegionSentenceObjective(
         hard_weight=args.hard_weight, colour_weight=args.colour_weight, garment_weight=args.garment_weight

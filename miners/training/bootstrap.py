@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         text_mode=args.text_mode,
         device=args.device,
         eval_every_epochs=args.eval_every,
+        weight_decay_exempt=False,  # the tiny CLIP's recipe: decay on every parameter (config.py says why)
     )
     # What the model depends on; not where it ran or how often it was evaluated.
     train_settings = training_settings(train_cfg)

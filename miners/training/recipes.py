@@ -29,7 +29,7 @@ from miners.training.config import GLOBAL_LOSS_NAMES, IMAGE_AUGMENT_NAMES, METHO
 
 PRESETS: dict[str, dict[str, Any]] = {
     # train_rogle's defaults before presets existed (fine-tuning the tiny CLIP the demo bootstraps)
-    "tiny": {"epochs": 10, "batch_size": 64, "lr": 1e-4},
+    "tiny": {"epochs": 10, "batch_size": 64, "lr": 1e-4, "weight_decay_exempt": False},
     "irra-b16": {
         "epochs": 60,
         "batch_size": 64,

@@ -95,7 +95,9 @@ def parameter_groups(model: torch.nn.Module, heads: torch.nn.Module, cfg: TrainC
             fast = is_head and any(part in name for part in FAST_LR_NAME_PARTS)
             factor = cfg.head_lr_factor if fast else 1.0
             is_bias = name.endswith("bias")
-            no_decay = is_bias or param.ndim < 2 or any(k in name for k in NO_DECAY_NAMES)
+            no_decay = cfg.weight_decay_exempt and (
+                is_bias or param.ndim < 2 or any(k in name for k in NO_DECAY_NAMES)
+            )
             key = (cfg.bias_lr_factor if is_bias else factor, 0.0 if no_decay else cfg.weight_decay)
             grouped.setdefault(key, []).append(param)
     return [

@@ -111,6 +111,11 @@ def test_parameter_groups_exempt_biases_norms_embeddings_and_the_logit_scale(tin
         fast = "cross" in name or "mlm_head" in name
         assert of[id(p)]["lr"] == (2.0 if name.endswith("bias") else 5.0 if fast else 1.0), name
     assert any(not ("cross" in n or "mlm_head" in n) for n, _ in heads["mlm"].named_parameters())
+    # the tiny CLIP's recipe (the bootstrap, the tiny preset): decay on every parameter
+    legacy = parameter_groups(model, heads, TrainConfig(weight_decay=0.1, weight_decay_exempt=False))
+    assert {g["weight_decay"] for g in legacy} == {0.1}
+    assert resolve_config("tiny", None, {})[0].weight_decay_exempt is False
+    assert resolve_config("irra-b16", None, {})[0].weight_decay_exempt is True
 
 
 def _manifest_with_val(tiny_dataset, tmp_path):
