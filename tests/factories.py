@@ -61,3 +61,15 @@ def status_row(
 def run_config(clip_model: str = "models/none", **rsm: Any) -> dict[str, Any]:
     """A run config in the stored `_run.json` shape (miners.run_config), without real fingerprints."""
     return RunConfig(rsm=RSMConfig(clip_model=clip_model, **rsm), fingerprints={}).to_dict()
+
+
+# Parameters whose gradient is identically zero in exact arithmetic: an attention key's bias adds the same
+# value to every key score of a query, which the softmax ignores. Their gradients are float noise (~1e-12),
+# which Adam normalises into updates of about +-lr whose sign is that noise; two runs whose arithmetic differs
+# in any last bit (a resumed process, another process count, MKL's alignment-dependent kernels) move them
+# differently. Exact-resume and equivalence tests compare every other parameter.
+NOISE_ONLY_PARAMETERS = ("k_proj.bias",)
+
+
+def noise_only(name: str) -> bool:
+    return name.endswith(NOISE_ONLY_PARAMETERS)
