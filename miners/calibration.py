@@ -231,6 +231,27 @@ def default_calibrator(mode: str = "combined") -> Calibrator:
     )
 
 
+def newton_logistic(
+    x: np.ndarray, y: np.ndarray, sample_weight: np.ndarray, l2: float, iters: int = 30
+) -> np.ndarray:
+    """Weighted L2-penalised logistic regression by Newton's method: the coefficients of `x` (whose last
+    column is the intercept's ones, not shrunk). Weights are rescaled to mean 1, so the penalty means the
+    same whatever their scale."""
+    sw = sample_weight * (len(sample_weight) / sample_weight.sum())
+    theta = np.zeros(x.shape[1])
+    penalty = np.full(x.shape[1], l2)
+    penalty[-1] = 0.0
+    for _ in range(iters):
+        p = sigmoid(x @ theta)
+        grad = x.T @ (sw * (p - y)) / len(y) + penalty * theta
+        hess = (x * (sw * p * (1 - p))[:, None]).T @ x / len(y) + np.diag(penalty + 1e-9)
+        step = np.linalg.solve(hess, grad)
+        theta -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return theta
+
+
 def fit_calibrator(
     matches: UnitMatches,
     correct: np.ndarray,
@@ -265,17 +286,7 @@ def fit_calibrator(
     std = np.sqrt(np.average((x_raw - mean) ** 2, axis=0, weights=sw))
     std[std < 1e-8] = 1.0
     x = np.hstack([(x_raw - mean) / std, np.ones((len(y), 1))])
-    w = np.zeros(x.shape[1])
-    penalty = np.full(x.shape[1], l2)
-    penalty[-1] = 0.0  # the intercept is not shrunk
-    for _ in range(iters):
-        p = sigmoid(x @ w)
-        grad = x.T @ (sw * (p - y)) / len(y) + penalty * w
-        hess = (x * (sw * p * (1 - p))[:, None]).T @ x / len(y) + np.diag(penalty + 1e-9)
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
+    w = newton_logistic(x, y, sw, l2, iters)
     pick = np.random.default_rng(0).permutation(len(y))[:reference_rows]
     pick.sort()
     reference = {

@@ -107,34 +107,9 @@ def image_and_region_embeddings(
     return images, _project_vision(model, pooled)
 
 
-def vision_forward(
-    model,
-    pixel_values: torch.Tensor,
-    region_image_index: torch.Tensor,
-    region_patch_weights: torch.Tensor,
-    token_features: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The trainer's one vision forward: (B x E *unnormalised* image features, R x E normalised region
-    embeddings, and with `token_features` B x (1 + P) x E unnormalised token features for IRRA's fusion,
-    else None). The losses normalise what they need; CMPM and the ID classifier use the raw features."""
-    tokens = _vision_tokens(model, pixel_values)
-    projected = model.visual_projection(model.vision_model.post_layernorm(tokens)) if token_features else None
-    images = (
-        projected[:, 0]
-        if projected is not None
-        else model.visual_projection(model.vision_model.post_layernorm(tokens[:, 0]))
-    )
-    if region_image_index.numel() == 0:
-        return images, images.new_zeros((0, images.shape[1])), projected
-    patches = tokens[region_image_index, 1:]
-    pooled = torch.einsum("rp,rpd->rd", region_patch_weights.to(patches.dtype), patches)
-    return images, _project_vision(model, pooled), projected
-
-
 def text_embeddings(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """N x E normalised text embeddings (CLIP pools the first EOS token)."""
-    out = model.text_model(input_ids=input_ids, attention_mask=attention_mask)
-    return F.normalize(model.text_projection(out.pooler_output), dim=-1)
+    return F.normalize(text_features(model, input_ids, attention_mask), dim=-1)
 
 
 def text_features(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

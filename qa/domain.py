@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from miners.calibration import Calibrator, feature_matrix, sigmoid
+from miners.calibration import Calibrator, feature_matrix, newton_logistic, sigmoid
 from miners.matching import UnitMatches
 from storage.schemas import BODY_PARTS
 
@@ -57,23 +57,6 @@ def _design(z: np.ndarray) -> np.ndarray:
     binary = np.all(np.isin(np.round(z - z.min(0), 6), np.round([0.0, np.ptp(z, 0).max()], 6)), axis=0)
     cont = z[:, ~binary] if (~binary).any() else np.zeros((len(z), 0))
     return np.hstack([z, cont**2 - 1.0, np.ones((len(z), 1))])
-
-
-def _logistic(x: np.ndarray, y: np.ndarray, w: np.ndarray, l2: float, iters: int = 30) -> np.ndarray:
-    """Weighted L2-penalised logistic regression by Newton's method (the intercept, last, unpenalised)."""
-    theta = np.zeros(x.shape[1])
-    pen = np.full(x.shape[1], l2)
-    pen[-1] = 0.0
-    w = w * (len(w) / w.sum())
-    for _ in range(iters):
-        p = sigmoid(x @ theta)
-        grad = x.T @ (w * (p - y)) / len(y) + pen * theta
-        hess = (x * (w * p * (1 - p))[:, None]).T @ x / len(y) + np.diag(pen + 1e-9)
-        step = np.linalg.solve(hess, grad)
-        theta -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return theta
 
 
 def weighted_auc(score: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
@@ -100,7 +83,7 @@ def classifier_test(
     fold = np.random.default_rng(seed).permutation(len(y)) % 2
     score = np.zeros(len(y))
     for k in (0, 1):
-        theta = _logistic(x[fold != k], y[fold != k], w[fold != k], l2)
+        theta = newton_logistic(x[fold != k], y[fold != k], w[fold != k], l2)
         score[fold == k] = x[fold == k] @ theta
     auc = weighted_auc(score, y, w)
     n1 = float(len(run_z))

@@ -209,12 +209,7 @@ def build_clip_data(
     captions = [r["caption"] for r in keep_rows]
     units = splitter.split_many(captions)
     sentence_texts = [[u.text for u in us] or [cap] for us, cap in zip(units, captions, strict=True)]
-    flat = [t for ts in sentence_texts for t in ts]
-    flat_tokens = tokenize(processor, flat) if flat else []
-    cap_sentence_tokens, pos = [], 0
-    for ts in sentence_texts:
-        cap_sentence_tokens.append(flat_tokens[pos : pos + len(ts)])
-        pos += len(ts)
+    cap_sentence_tokens = tokenize_nested(processor, sentence_texts)
 
     data = ClipData(
         images_u8=images,
@@ -237,6 +232,17 @@ def build_clip_data(
         data, processor, pairs, use_reliability, reliability_threshold, max_pairs_per_caption
     )
     return data
+
+
+def tokenize_nested(processor, texts: list[list[str]]) -> list[list[list[int]]]:
+    """Token id lists for lists of texts (per caption, its sentences), tokenised in one call."""
+    flat = [t for ts in texts for t in ts]
+    tokens = tokenize(processor, flat) if flat else []
+    out, pos = [], 0
+    for ts in texts:
+        out.append(tokens[pos : pos + len(ts)])
+        pos += len(ts)
+    return out
 
 
 def _attach_pairs(

@@ -10,8 +10,6 @@ Consumes a CLIP model and evaluation `ClipData` (test split); produces metric di
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
 import torch
 
@@ -34,20 +32,13 @@ LONG_QUERY_MIN_SENTENCES = 5
 
 
 def caption_features(
-    model,
-    data: ClipData,
-    indices: np.ndarray,
-    text_mode: str,
-    pad_id: int,
-    device,
-    token_transform: Callable[[list[list[int]]], list[list[int]]] | None = None,
+    model, data: ClipData, indices: np.ndarray, text_mode: str, pad_id: int, device
 ) -> torch.Tensor:
     """Unnormalised global text features for captions `indices`: the whole caption's projected EOS token
     ("truncate"), or the sum of its sentences' normalised embeddings ("sentence-pool": L2-normalised, that
-    is their normalised mean). `token_transform` rewrites the token lists first (text augmentation)."""
+    is their normalised mean)."""
     if text_mode == "truncate":
-        seqs = [data.cap_tokens[i] for i in indices]
-        ids, mask = pad_token_ids(token_transform(seqs) if token_transform else seqs, pad_id, device)
+        ids, mask = pad_token_ids([data.cap_tokens[i] for i in indices], pad_id, device)
         return text_features(model, ids, mask)
     if text_mode != "sentence-pool":
         raise ValueError(f"unknown text_mode {text_mode!r}: use 'truncate' or 'sentence-pool'")
@@ -55,10 +46,17 @@ def caption_features(
     for k, i in enumerate(indices):
         flat.extend(data.cap_sentence_tokens[i])
         owner.extend([k] * len(data.cap_sentence_tokens[i]))
-    ids, mask = pad_token_ids(token_transform(flat) if token_transform else flat, pad_id, device)
+    return pooled_sentence_features(model, flat, owner, len(indices), pad_id, device)
+
+
+def pooled_sentence_features(
+    model, sentences: list[list[int]], owner: list[int], n: int, pad_id: int, device
+) -> torch.Tensor:
+    """n x E: row k is the sum of the normalised embeddings of the sentences whose owner is k."""
+    ids, mask = pad_token_ids(sentences, pad_id, device)
     sent = text_embeddings(model, ids, mask)
     owner_t = torch.tensor(owner, device=sent.device)
-    pooled = torch.zeros((len(indices), sent.shape[1]), device=sent.device, dtype=sent.dtype)
+    pooled = torch.zeros((n, sent.shape[1]), device=sent.device, dtype=sent.dtype)
     pooled.index_add_(0, owner_t, sent)
     return pooled
 

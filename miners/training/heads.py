@@ -135,6 +135,19 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+def clip_mlp(width: int) -> nn.Sequential:
+    """CLIP's transformer MLP: c_fc (4×width) → QuickGELU → c_proj (the names IRRA's initialisation uses)."""
+    return nn.Sequential(
+        OrderedDict(
+            [
+                ("c_fc", nn.Linear(width, 4 * width)),
+                ("gelu", QuickGELU()),
+                ("c_proj", nn.Linear(4 * width, width)),
+            ]
+        )
+    )
+
+
 class _ResidualBlock(nn.Module):
     """CLIP's pre-norm transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x)), MLP 4×width."""
 
@@ -143,15 +156,7 @@ class _ResidualBlock(nn.Module):
         self.ln_1 = nn.LayerNorm(width)
         self.attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_2 = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                [
-                    ("c_fc", nn.Linear(width, 4 * width)),
-                    ("gelu", QuickGELU()),
-                    ("c_proj", nn.Linear(4 * width, width)),
-                ]
-            )
-        )
+        self.mlp = clip_mlp(width)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
         h = self.ln_1(x)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
-import re
 import warnings
-from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -23,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from miners.convert_clip import BPE_NAME, bytes_to_unicode, convert_checkpoint, converted_folder
+from tests.miners.test_real_size import clip_bpe_merges
 
 TINY = dict(vision_width=128, vision_layers=2, patch=16, resolution=64, text_width=192, text_layers=2)
 TINY |= dict(context=77, embed_dim=96, merges=300)
@@ -95,43 +94,10 @@ def openai_state_dict(
 
 
 def write_bpe_gz(path: Path, corpus: list[str], n_merges: int) -> None:
-    """A merges file in OpenAI's `bpe_simple_vocab_16e6.txt.gz` layout (a header line, then one
-    "a b" merge a line): merges learned greedily from `corpus` first, so captions tokenise into real
-    sub-words, then filler merges of byte-symbol pairs up to `n_merges`."""
-    symbols = list(bytes_to_unicode().values())
-    base = symbols + [s + "</w>" for s in symbols]
-    known = set(base)
-    words = Counter(w for text in corpus for w in re.findall(r"[a-z]+|[0-9]", text.lower()))
-    segs = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
-    merges: list[tuple[str, str]] = []
-    while len(merges) < n_merges:
-        pairs: Counter = Counter()
-        for w, seg in segs.items():
-            for a, b in zip(seg, seg[1:], strict=False):
-                pairs[a, b] += words[w]
-        if not pairs:
-            break
-        (a, b), _ = pairs.most_common(1)[0]
-        merges.append((a, b))
-        known.add(a + b)
-        for w, seg in segs.items():
-            i, out = 0, []
-            while i < len(seg):
-                if i + 1 < len(seg) and (seg[i], seg[i + 1]) == (a, b):
-                    out.append(a + b)
-                    i += 2
-                else:
-                    out.append(seg[i])
-                    i += 1
-            segs[w] = out
-    for a in symbols:
-        for b in base:
-            if len(merges) >= n_merges:
-                break
-            if a + b not in known:
-                merges.append((a, b))
-                known.add(a + b)
-    lines = ['"bpe_simple_vocab_16e6.txt#version: 0.2'] + [f"{a} {b}" for a, b in merges[:n_merges]]
+    """A merges file in OpenAI's `bpe_simple_vocab_16e6.txt.gz` layout (a header line, then one "a b" merge
+    a line), `n_merges` of them learned from `corpus` first (tests/miners/test_real_size.py)."""
+    merges = clip_bpe_merges(corpus, n_merges)
+    lines = ['"bpe_simple_vocab_16e6.txt#version: 0.2'] + [f"{a} {b}" for a, b in merges]
     with gzip.open(path, "wt", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
 

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from miners.convert_clip import bytes_to_unicode
+
 pytestmark = [pytest.mark.realsize, pytest.mark.timeout(1800)]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,30 +61,17 @@ def run(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
     return proc
 
 
-def bytes_to_unicode() -> dict[int, str]:
-    """CLIP's (GPT-2's) byte → printable-character table."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = list(keep), 0
-    for b in range(256):
-        if b not in keep:
-            keep.append(b)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(keep, map(chr, chars), strict=True))
-
-
-def write_clip_bpe(folder: Path, corpus: list[str], learned: int = 2000) -> None:
-    """vocab.json + merges.txt in the openai CLIP layout: merges learned from `corpus` first (greedy BPE
-    over its lower-cased words, so that captions tokenise into real sub-words), then filler merges of
-    byte-symbol pairs until the vocabulary holds 49,408 tokens."""
-    byte_chars = list(bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars]
-    known = set(vocab)
+def clip_bpe_merges(corpus: list[str], n_merges: int, learned: int | None = None) -> list[tuple[str, str]]:
+    """OpenAI CLIP-layout BPE merges: up to `learned` (default all) learned greedily from `corpus`'s
+    lower-cased words, so that captions tokenise into real sub-words, then filler merges of byte-symbol
+    pairs (rarely fired, but they give the real vocabulary size and file shapes) up to `n_merges`."""
+    symbols = list(bytes_to_unicode().values())
+    base = symbols + [s + "</w>" for s in symbols]
+    known = set(base)
     words = Counter(w for text in corpus for w in re.findall(r"[a-z]+|[0-9]", text.lower()))
     segs = {w: [*w[:-1], w[-1] + "</w>"] for w in words}
     merges: list[tuple[str, str]] = []
-    n_merges = CLIP_VOCAB - len(vocab) - 2
-    while len(merges) < min(learned, n_merges):
+    while len(merges) < min(n_merges if learned is None else learned, n_merges):
         pairs: Counter = Counter()
         for w, seg in segs.items():
             for a, b in zip(seg, seg[1:], strict=False):
@@ -102,13 +91,21 @@ def write_clip_bpe(folder: Path, corpus: list[str], learned: int = 2000) -> None
                     out.append(seg[i])
                     i += 1
             segs[w] = out
-    for a in byte_chars:  # filler: rarely fire, but give the real vocabulary size and file shapes
-        for b in vocab[: 2 * len(byte_chars)]:
+    for a in symbols:
+        for b in base:
             if len(merges) >= n_merges:
                 break
             if a + b not in known:
                 merges.append((a, b))
                 known.add(a + b)
+    return merges[:n_merges]
+
+
+def write_clip_bpe(folder: Path, corpus: list[str], learned: int = 2000) -> None:
+    """vocab.json + merges.txt in the openai CLIP layout, 49,408 tokens (`clip_bpe_merges`)."""
+    byte_chars = list(bytes_to_unicode().values())
+    vocab = byte_chars + [c + "</w>" for c in byte_chars]
+    merges = clip_bpe_merges(corpus, CLIP_VOCAB - len(vocab) - 2, learned)
     tokens = vocab + [a + b for a, b in merges] + ["<|startoftext|>", "<|endoftext|>"]
     assert len(tokens) == len(set(tokens)) == CLIP_VOCAB
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}))

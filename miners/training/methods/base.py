@@ -29,12 +29,12 @@ from miners.encoders import (
     box_patch_weights,
     pad_token_ids,
     patch_grid_hw,
-    text_embeddings,
     text_token_features,
     to_pixel_values,
 )
 from miners.training.augment import augment_batch, augment_tokens
 from miners.training.data import ClipData, LocalPair
+from miners.training.evaluation import pooled_sentence_features
 from miners.training.heads import mask_tokens
 
 
@@ -187,11 +187,14 @@ class Batch:
                     owner.extend([k] * len(self.data.cap_sentence_tokens[i]))
                 flat = self.augment_text(flat)
                 mine = [j for j, k in enumerate(owner) if self.lo <= k < self.hi]
-                ids, mask = pad_token_ids([flat[j] for j in mine], trainer.pad_id, self.device)
-                sent = text_embeddings(self.model, ids, mask)
-                rows = torch.tensor([owner[j] - self.lo for j in mine], device=sent.device)
-                pooled = torch.zeros((len(self.idx), sent.shape[1]), device=sent.device, dtype=sent.dtype)
-                pooled.index_add_(0, rows, sent)  # sum of unit vectors: its L2 normalisation is their mean's
+                pooled = pooled_sentence_features(
+                    self.model,
+                    [flat[j] for j in mine],
+                    [owner[j] - self.lo for j in mine],
+                    len(self.idx),
+                    trainer.pad_id,
+                    self.device,
+                )
                 self._text = TextOut(pooled, None, None, None)
             else:
                 raise ValueError(

@@ -53,8 +53,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from miners.encoders import pad_token_ids, tokenize
-from miners.training.data import ClipData
+from miners.encoders import pad_token_ids
+from miners.training.data import ClipData, tokenize_nested
 from miners.training.losses import GLOBAL_LOSSES
 from miners.training.methods.base import Batch, Method
 
@@ -254,27 +254,17 @@ class LevelCandidates:
             # the splitter's sentences are already tokenised; [] marks "tokenise IVT's phrases instead"
             phrase_texts.append([] if n_sent[k] > 0 else ivt_phrase_candidates(cap) or [cap])
             word_texts.append(clauses[k] or ivt_word_candidates(cap) or [cap])
-        phrase_tokens = _tokenise_nested(processor, phrase_texts)
+        phrase_tokens = tokenize_nested(processor, phrase_texts)
         phrase = [
             data.cap_sentence_tokens[k] if n_sent[k] > 0 else phrase_tokens[k] for k in range(len(captions))
         ]
-        return cls(phrase=phrase, word=_tokenise_nested(processor, word_texts))
+        return cls(phrase=phrase, word=tokenize_nested(processor, word_texts))
 
     def draw(self, idx: np.ndarray, level: str, generator: torch.Generator) -> list[list[int]]:
         """One candidate per caption of `idx`, uniformly at random (one draw of `generator` per level)."""
         cands = getattr(self, level)
         u = torch.rand(len(idx), generator=generator).tolist()
         return [cands[i][min(int(x * len(cands[i])), len(cands[i]) - 1)] for i, x in zip(idx, u, strict=True)]
-
-
-def _tokenise_nested(processor, texts: list[list[str]]) -> list[list[list[int]]]:
-    flat = [t for ts in texts for t in ts]
-    tokens = tokenize(processor, flat) if flat else []
-    out, pos = [], 0
-    for ts in texts:
-        out.append(tokens[pos : pos + len(ts)])
-        pos += len(ts)
-    return out
 
 
 # --- bidirectional mask modelling: token dropping -----------------------------------------------------------

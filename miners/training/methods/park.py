@@ -37,7 +37,6 @@ the queries and decoder(s) (names hold "cross": head_lr_factor) and the ID class
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from miners.encoders import patch_grid_hw
-from miners.training.heads import IdentityClassifier, QuickGELU
+from miners.training.heads import IdentityClassifier, clip_mlp
 from miners.training.losses import id_loss
 from miners.training.methods.base import Batch, Method
 
@@ -268,15 +267,7 @@ class _DecoderLayer(nn.Module):
         self.ln_c = nn.LayerNorm(width)
         self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
         self.ln_m = nn.LayerNorm(width)
-        self.mlp = nn.Sequential(
-            OrderedDict(
-                [
-                    ("c_fc", nn.Linear(width, 4 * width)),
-                    ("gelu", QuickGELU()),
-                    ("c_proj", nn.Linear(4 * width, width)),
-                ]
-            )
-        )
+        self.mlp = clip_mlp(width)
 
     def forward(
         self, x: torch.Tensor, memory: torch.Tensor, memory_padding: torch.Tensor | None
